@@ -44,7 +44,7 @@ test: $(STAMP)
 	if [ $$rc -ne 0 ]; then echo "make test: FAILED (nbdev_test and/or pytest)"; fi; exit $$rc
 
 demo: $(STAMP)
-	$(PY) -m vla_lit.demo
+	$(VENV)/bin/vla_lit demo
 
 clean-venv:
 	rm -rf $(VENV)
