@@ -1,0 +1,147 @@
+"""Feature-cache behaviour that needs processes (nbs/03_features.ipynb covers the rest):
+- 2-process extraction under torchrun with the gloo backend on CPU: each rank computes its own shards
+  (shard k on rank k % 2), rank 0 writes the manifest, the result equals a 1-process run, and the skipped
+  report collects the bad items of both ranks;
+- resume after the extracting process is killed (SIGKILL, no chance to clean up): finished shards are kept,
+  the rerun computes only the rest, and the result equals an uninterrupted run.
+The encoder is a stand-in (tiny, seeded random weights; NOT a pretrained model) so the tests run in seconds.
+"""
+import importlib.util, json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, os, sys, time
+from collections import namedtuple
+import numpy as np, torch, torch.nn as nn
+import torch.distributed as dist
+from vla_lit.data import Record, tuxpaint
+from vla_lit.features import extract_features
+
+VisionOutput = namedtuple("VisionOutput", "cls patches")
+
+class StandInEncoder(nn.Module):
+    "Stand-in for tests only (seeded random weights, NOT pretrained), VisionEncoder interface, 32x32 inputs."
+    def __init__(self, sleep=0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.name, self.dim, self.patch_size, self.image_size, self.fingerprint = "stand-in", 8, 8, 32, "stand-in:seed0"
+        self.embed = nn.Conv2d(3, 8, 8, 8)
+        with torch.no_grad():
+            for p in self.parameters(): p.copy_(torch.randn(p.shape, generator=g))
+        self.sleep, self.calls = sleep, 0
+        self.requires_grad_(False).eval()
+    def preprocess(self, images):
+        return torch.stack([torch.from_numpy(np.asarray(im.resize((32, 32)), dtype=np.float32) / 255).permute(2, 0, 1) for im in images])
+    def forward(self, x):
+        self.calls += 1
+        if self.sleep: time.sleep(self.sleep)
+        p = self.embed(x).flatten(2).transpose(1, 2)
+        return VisionOutput(p.mean(1), p)
+
+def records(n=22):
+    rs = list(tuxpaint()[:n])
+    rs.insert(9, Record("missing/one", "/nonexistent/missing_stamp.png", ["A stamp that is not there."]))
+    return rs
+
+def run(root, sleep=0.0, num_workers=0):
+    enc = StandInEncoder(sleep)
+    fc = extract_features(enc, records(), pooling=("cls", "mean", "patches"), batch_size=2, shard_size=4,
+                          num_workers=num_workers, root=root, progress=False)
+    return fc, enc
+
+if __name__ == "__main__":
+    mode, root = sys.argv[1], sys.argv[2]
+    if mode == "dist":
+        dist.init_process_group("gloo")
+        fc, enc = run(root)
+        out = {"rank": dist.get_rank(), "world": dist.get_world_size(), "key": fc.key, "calls": enc.calls, "rows": len(fc)}
+        Path = __import__("pathlib").Path
+        (Path(root) / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
+    else:
+        run(root, sleep=float(sys.argv[3]))
+'''
+
+
+def _load_script(tmp_path):
+    path = tmp_path / "extract_script.py"
+    path.write_text(SCRIPT)
+    spec = importlib.util.spec_from_file_location("extract_script", path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return path, mod
+
+
+def _env(tmp_path):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "VLA_LIT_CACHE": str(tmp_path / "vla_cache"),
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _same(a, b):
+    assert a.ids == b.ids
+    for name in a.names:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_two_process_gloo_extraction(tmp_path):
+    script, mod = _load_script(tmp_path)
+    root = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "dist", str(root)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    outs = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [o["world"] for o in outs] == [2, 2] and outs[0]["key"] == outs[1]["key"]
+    (key_dir,) = [d for d in root.iterdir() if d.is_dir()]
+    manifest = json.loads((key_dir / "manifest.json").read_text())
+    n_shards = len(manifest["shards"])
+    assert n_shards == 6  # 23 records in shards of 4
+    assert [s["rank"] for s in manifest["shards"]] == [k % 2 for k in range(n_shards)]
+    # each rank ran only its own shards (rank 0: shards 0, 2, 4; rank 1: 1, 3, 5), 2 batches per shard
+    assert outs[0]["calls"] == 6 and outs[1]["calls"] == 6
+    assert manifest["skipped"] == [["/nonexistent/missing_stamp.png", "/nonexistent/missing_stamp.png: file does not exist"]]
+    # same features as one process
+    single, _ = mod.run(tmp_path / "single")
+    from vla_lit.features import FeatureCache
+    dist_fc = FeatureCache(key_dir)
+    assert dist_fc.key == single.key and len(dist_fc) == 22
+    _same(dist_fc, single)
+
+
+def test_resume_after_killed_process(tmp_path):
+    script, mod = _load_script(tmp_path)
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), "single", str(root), "0.3"], cwd=tmp_path, env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            receipts = list(root.glob("*/shard-*.json"))
+            if len(receipts) >= 2 or proc.poll() is not None: break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the extraction finished before it could be killed: {proc.stdout.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL); proc.wait(30)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    (key_dir,) = [d for d in root.iterdir() if d.is_dir()]
+    assert not (key_dir / "manifest.json").exists()
+    done = sorted(p.name for p in key_dir.glob("shard-*.json"))
+    assert 2 <= len(done) < 6, done
+    # rerun: only the unfinished shards are computed, the result equals an uninterrupted run
+    resumed, enc = mod.run(root)
+    full, enc_full = mod.run(tmp_path / "full")
+    assert enc.calls == enc_full.calls - 2 * len(done)  # 2 batches per shard; finished shards are not redone
+    assert resumed.key == full.key
+    _same(resumed, full)
+    assert resumed.verify() == [] and not list(key_dir.glob("*.tmp*"))
+
+
+def test_workers_match_main_process(tmp_path):
+    "Image decoding in DataLoader worker processes gives the same rows as decoding in the main process."
+    _, mod = _load_script(tmp_path)
+    a, _ = mod.run(tmp_path / "w0", num_workers=0)
+    b, _ = mod.run(tmp_path / "w2", num_workers=2)
+    _same(a, b)
+    assert a.skipped == b.skipped and len(a.skipped) == 1
