@@ -5,8 +5,8 @@ import json, math, os, subprocess, sys, time
 from pathlib import Path
 import nbformat, pytest, yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from vla_lit.sweep import (SweepError, collect, expand_runs, load_runs, load_sweep, notebook_parameters,
-                           run_sweep, summarize)
+from vla_lit.sweep import (SweepError, check_parameters, collect, expand_runs, load_runs, load_sweep,
+                           notebook_parameters, run_sweep, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -201,15 +201,22 @@ def test_shipped_sweep_smoke(sweep_file, tmp_path):
     _, defaults = notebook_parameters(sw["notebook"])
     assert defaults is None or "out_dir" in defaults
     assert len(expand_runs(sw)) >= 1
-    res = run_sweep(sweep_file, out_root=tmp_path, smoke=True, only=1, progress=False)
+    for demo in (False, True):     # every run of the full study and of the demo size names real parameters
+        check_parameters(expand_runs(sw, demo=demo), defaults, sw["notebook"], sweep_file.name)
+    has_demo = any(sw["demo"].values())
+    if sweep_file.name.endswith("_embedded.yaml"):   # the main job (`vla_lit demo`) runs these in demo size
+        assert has_demo, f"{sweep_file.name} has no `demo` block, so `vla_lit demo` would run the whole study"
+    # the smoke run goes through the demo block when there is one: that is the main job's path
+    res = run_sweep(sweep_file, out_root=tmp_path, smoke=True, demo=has_demo, only=1, progress=False)
+    sdir = tmp_path/(sw["name"] + ("-demo" if has_demo else "") + "-smoke")
     rid = res.index[0]
-    assert res.status.tolist() == ["ok"], (tmp_path/f"{sw['name']}-smoke"/rid/"log.txt").read_text()[-4000:]
-    m = json.loads((tmp_path/f"{sw['name']}-smoke"/rid/"metrics.json").read_text())
+    assert res.status.tolist() == ["ok"], (sdir/rid/"log.txt").read_text()[-4000:]
+    m = json.loads((sdir/rid/"metrics.json").read_text())
     assert m and all(isinstance(v, (int, float)) for v in m.values()), m
     if sw["metrics"]:
         missing = [k for k in sw["metrics"] if k not in m]
         assert not missing, f"{sweep_file.name} tabulates {missing}, which its notebook's metrics.json lacks"
-    collect(tmp_path/f"{sw['name']}-smoke")
+    collect(sdir)
 
 
 def test_ctrl_c_interrupts_and_resumes(tmp_path):

@@ -27,7 +27,7 @@ class _SweepLoader(yaml.SafeLoader):
 _SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
-SWEEP_KEYS = ("name", "notebook", "description", "base", "grid", "runs", "seeds", "smoke", "launcher",
+SWEEP_KEYS = ("name", "notebook", "description", "base", "grid", "runs", "seeds", "smoke", "demo", "launcher",
               "timeout", "metrics", "plot", "seed_key")
 
 def _find_root(start: Path) -> Path | None:
@@ -91,6 +91,15 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
             raise SweepError(f"{where}: seeds must be a list of ints or a positive count, got {cfg['seeds']!r}")
         if seed_key in grid: raise SweepError(f"{where}: both `seeds` and grid.{seed_key} are given; keep one")
         grid[seed_key] = seeds
+    demo = _mapping(cfg.get("demo"), "demo", where)
+    demo_seeds, demo_only = demo.pop("seeds", None), demo.pop("only", None)
+    if demo_seeds is not None:
+        if isinstance(demo_seeds, int) and not isinstance(demo_seeds, bool) and demo_seeds > 0: demo_seeds = list(range(demo_seeds))
+        if not (isinstance(demo_seeds, list) and demo_seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in demo_seeds)):
+            raise SweepError(f"{where}: demo.seeds must be a list of ints or a positive count, got {cfg['demo']['seeds']!r}")
+    if isinstance(demo_only, str): demo_only = [demo_only]
+    if demo_only is not None and not (isinstance(demo_only, list) and demo_only and all(isinstance(o, str) for o in demo_only)):
+        raise SweepError(f"{where}: demo.only must be a run-id glob or a list of them, got {demo_only!r}")
     runs = cfg.get("runs") or []
     if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
         raise SweepError(f"{where}: runs must be a list of mappings (one parameter set each), got {runs!r}")
@@ -110,6 +119,7 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
         raise SweepError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
     return dict(name=name, notebook=str(found.resolve()), description=str(cfg.get("description") or ""),
                 base=base, grid=grid, runs=runs, seeds=seeds, seed_key=seed_key, smoke=smoke,
+                demo=dict(params=demo, seeds=demo_seeds, only=demo_only),
                 launcher=_norm_launcher(cfg.get("launcher"), where), timeout=timeout, metrics=metrics,
                 plot=plot, source=str(src.resolve()) if src else None, root=str(Path(root).resolve()))
 
@@ -139,9 +149,11 @@ def run_id(knobs: dict, prefix: str | None = None, max_len: int = 120) -> str:
     if len(rid) > max_len: rid = rid[:max_len - 9].rstrip("_-") + "-" + _hash([prefix, knobs])
     return rid
 
-def expand_runs(sweep: dict, smoke: bool = False) -> list[Run]:
-    "Every run of a `load_sweep` result, in order: `runs` entries x grid points; `smoke` adds the smoke overrides."
-    grid, entries = sweep["grid"], list(sweep["runs"])
+def expand_runs(sweep: dict, smoke: bool = False, demo: bool = False) -> list[Run]:
+    "Every run of a `load_sweep` result, in order: `runs` entries x grid points; `demo`/`smoke` apply those overrides."
+    grid, entries = dict(sweep["grid"]), list(sweep["runs"])
+    dm = sweep.get("demo") or {}
+    if demo and dm.get("seeds"): grid[sweep["seed_key"]] = list(dm["seeds"])
     if not any(set(e) & set(grid) == set() for e in entries): entries.append({})   # the grid itself
     out = []
     for entry in entries:
@@ -151,7 +163,7 @@ def expand_runs(sweep: dict, smoke: bool = False) -> list[Run]:
         axes = {k: v for k, v in grid.items() if k not in entry}      # an entry fixes the axes it sets
         for p in (dict(zip(axes, vals)) for vals in itertools.product(*axes.values())):
             knobs = {**entry, **p}
-            params = {**sweep["base"], **knobs, **(sweep["smoke"] if smoke else {})}
+            params = {**sweep["base"], **knobs, **(dm.get("params", {}) if demo else {}), **(sweep["smoke"] if smoke else {})}
             out.append(Run(run_id(knobs, prefix), knobs, params, launcher))
     if smoke:   # the smoke overrides may collapse several runs into one
         uniq = {}
@@ -164,6 +176,10 @@ def expand_runs(sweep: dict, smoke: bool = False) -> list[Run]:
         if len({_hash([r.params, r.launcher], 16) for r in rs}) < len(rs):
             raise SweepError(f"sweep {sweep['name']!r}: run {rid!r} is listed more than once with the same parameters")
         for r in rs: r.id = f"{rid}-{_hash([r.knobs, r.launcher])}"   # distinct knobs that print alike
+    if demo and dm.get("only"):
+        keep = [r for r in out if any(fnmatch.fnmatchcase(r.id, p) for p in dm["only"])]
+        if not keep: raise SweepError(f"sweep {sweep['name']!r}: demo.only {dm['only']} matches no run; the ids are {[r.id for r in out]}")
+        out = keep
     return out
 
 def select_runs(runs: list[Run], only: int | str | list[str] | None = None) -> list[Run]:
@@ -349,24 +365,24 @@ def execute_run(run: Run, run_dir: str | Path, notebook: str | Path, device: str
     return st
 
 # %% ../nbs/50_sweep.ipynb #39a0e700
-def sweep_dir_for(sweep: dict, out_root: str | Path = "runs", smoke: bool = False) -> Path:
-    "Where a sweep's runs go: `out_root/<name>` (`<name>-smoke` for smoke runs)."
-    return Path(out_root)/(sweep["name"] + ("-smoke" if smoke else ""))
+def sweep_dir_for(sweep: dict, out_root: str | Path = "runs", smoke: bool = False, demo: bool = False) -> Path:
+    "Where a sweep's runs go: `out_root/<name>` (`<name>-demo`, `<name>-smoke`, `<name>-demo-smoke` for those sizes)."
+    return Path(out_root)/(sweep["name"] + ("-demo" if demo else "") + ("-smoke" if smoke else ""))
 
 def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: int = 1, device: str | None = None,
               smoke: bool = False, only: int | str | list[str] | None = None, force: bool = False,
-              progress: bool = True):
+              progress: bool = True, demo: bool = False):
     "Run every unfinished run of a sweep with papermill, `jobs` at a time; returns a DataFrame of run statuses."
     import pandas as pd
     from tqdm import tqdm
     sweep = load_sweep(config)
-    runs = select_runs(expand_runs(sweep, smoke), only)
+    runs = select_runs(expand_runs(sweep, smoke, demo), only)
     nb, defaults = notebook_parameters(sweep["notebook"])
     check_parameters(runs, defaults, sweep["notebook"], sweep["source"] or f"sweep {sweep['name']!r}")
     if jobs < 1: raise SweepError(f"jobs must be >= 1, got {jobs}")
-    sdir = sweep_dir_for(sweep, out_root, smoke); sdir.mkdir(parents=True, exist_ok=True)
-    all_ids = [r.id for r in expand_runs(sweep, smoke)]
-    _write_json(sdir/"sweep.json", {**sweep, "smoke_mode": smoke, "run_ids": all_ids, "written": _now()})
+    sdir = sweep_dir_for(sweep, out_root, smoke, demo); sdir.mkdir(parents=True, exist_ok=True)
+    all_ids = [r.id for r in expand_runs(sweep, smoke, demo)]
+    _write_json(sdir/"sweep.json", {**sweep, "smoke_mode": smoke, "demo_mode": demo, "run_ids": all_ids, "written": _now()})
     todo = [r for r in runs if force or not is_finished(sdir/r.id, r.params)]
     rows = {r.id: dict(status="skipped", wall_s=(_read_json(sdir/r.id/"status.json") or {}).get("wall_s"), error=None)
             for r in runs if r not in todo}
@@ -377,7 +393,7 @@ def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: in
         dev = free.get()
         try: return r, execute_run(r, sdir/r.id, sweep["notebook"], dev, sweep["timeout"], sweep["name"], smoke, defaults)
         finally: free.put(dev)
-    if progress: print(f"sweep {sweep['name']}: {len(runs)} runs -> {sdir}  ({len(rows)} finished earlier, "
+    if progress: print(f"sweep {sweep['name']}{' (demo size)' if demo else ''}: {len(runs)} runs -> {sdir}  ({len(rows)} finished earlier, "
                        f"{len(todo)} to run, {min(jobs, max(len(todo), 1))} at a time)", flush=True)
     _STOP.clear()
     bar = tqdm(total=len(todo), desc=sweep["name"], unit="run", disable=not progress or not todo)
@@ -596,15 +612,15 @@ def write_summary_notebook(sweep_dir: str | Path, root: str | Path | None = None
     return out
 
 def demo(out_root: str | Path = "runs", jobs: int = 1, device: str | None = None, smoke: bool = False,
-         force: bool = False, pattern: str = "*_embedded.yaml") -> int:
-    "Run and collect every embedded-default sweep; print where the tables and plots are. Returns the exit code."
+         force: bool = False, pattern: str = "*_embedded.yaml", full: bool = False) -> int:
+    "Run and collect every embedded-default sweep in its demo size (`full`: whole); print where the tables and plots are."
     files = find_sweeps(pattern)
     if not files:
         print(f"no sweeps/{pattern} found under {_repo_root()}", file=sys.stderr); return 1
     t0, done, rc = time.time(), [], 0
-    print(f"vla_lit demo: {len(files)} sweep(s): {', '.join(f.name for f in files)}", flush=True)
+    print(f"vla_lit demo: {len(files)} sweep(s) ({'full study' if full else 'demo size'}): {', '.join(f.name for f in files)}", flush=True)
     for f in files:
-        try: res = run_sweep(f, out_root=out_root, jobs=jobs, device=device, smoke=smoke, force=force)
+        try: res = run_sweep(f, out_root=out_root, jobs=jobs, device=device, smoke=smoke, force=force, demo=not full)
         except SweepError as e:
             print(f"{f.name}: not run: {e}", file=sys.stderr); rc = 1; continue
         sdir = Path(res.attrs["sweep_dir"])
@@ -636,16 +652,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default="runs", help="root folder of the sweeps (default: runs)")
     p = sub.add_parser("sweep", help="run a sweep file, then collect it"); p.add_argument("config")
     runner_opts(p)
+    p.add_argument("--demo", action="store_true", help="apply the sweep's demo block (into <name>-demo/)")
     p.add_argument("--only", nargs="+", default=None, help="run ids (globs) to run, or a number: the first N")
     p.add_argument("--no-collect", action="store_true", help="do not write the table and plots afterwards")
     p = sub.add_parser("collect", help="write results.csv/.md, runs.csv and plots/ of a sweep folder")
     p.add_argument("sweep_dir")
     p = sub.add_parser("demo", help="run and collect every sweeps/*_embedded.yaml"); runner_opts(p)
     p.add_argument("--sweeps", default="*_embedded.yaml", help="which sweeps/ files (glob; default *_embedded.yaml)")
+    p.add_argument("--full", action="store_true", help="run the whole embedded studies, not their demo size")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "sweep":
-            res = run_sweep(a.config, out_root=a.out, jobs=a.jobs, device=a.device, smoke=a.smoke, only=a.only, force=a.force)
+            res = run_sweep(a.config, out_root=a.out, jobs=a.jobs, device=a.device, smoke=a.smoke, only=a.only,
+                            force=a.force, demo=a.demo)
             if not a.no_collect:
                 t = collect(res.attrs["sweep_dir"])
                 print(f"table: {Path(res.attrs['sweep_dir'])/'results.md'}")
@@ -658,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             print((Path(a.sweep_dir)/"results.md").read_text())
             for pth in t.attrs["plots"]: print(f"plot:  {pth}")
             return 0
-        if a.cmd == "demo": return demo(a.out, a.jobs, a.device, a.smoke, a.force, a.sweeps)
+        if a.cmd == "demo": return demo(a.out, a.jobs, a.device, a.smoke, a.force, a.sweeps, a.full)
     except (SweepError, FileNotFoundError) as e:
         print(f"vla_lit {a.cmd}: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
