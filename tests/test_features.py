@@ -2,6 +2,8 @@
 - 2-process extraction under torchrun with the gloo backend on CPU: each rank computes its own shards
   (shard k on rank k % 2), rank 0 writes the manifest, the result equals a 1-process run, and the skipped
   report collects the bad items of both ranks;
+- two processes (no torchrun) extracting the same key at once: one computes, the other waits on the key's
+  lock and reads the finished cache, and nothing is deleted under anyone's feet;
 - resume after the extracting process is killed (SIGKILL, no chance to clean up): finished shards are kept,
   the rerun computes only the rest, and the result equals an uninterrupted run.
 The encoder is a stand-in (tiny, seeded random weights; NOT a pretrained model) so the tests run in seconds.
@@ -145,3 +147,33 @@ def test_workers_match_main_process(tmp_path):
     b, _ = mod.run(tmp_path / "w2", num_workers=2)
     _same(a, b)
     assert a.skipped == b.skipped and len(a.skipped) == 1
+
+
+def test_two_processes_same_key_wait_for_each_other(tmp_path):
+    """Two sweep runs asking for the same uncached features at once (--jobs 2) take turns on the key's lock.
+    The test holds the lock itself first, so both processes must wait (no timing luck involved); then it lets go."""
+    import fcntl
+    script, mod = _load_script(tmp_path)
+    alone, _ = mod.run(tmp_path / "alone")            # the reference, and the key the processes will use
+    root = tmp_path / "shared"
+    key_dir = root / alone.key; key_dir.mkdir(parents=True)
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    with open(key_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([sys.executable, str(script), "single", str(root), "0.05"], cwd=tmp_path, env=_env(tmp_path),
+                                  stdout=open(log, "w"), stderr=subprocess.STDOUT) for log in logs]
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and not all("waiting for another process" in l.read_text() for l in logs):
+                assert all(p.poll() is None for p in procs), [l.read_text()[-2000:] for l in logs]
+                time.sleep(0.1)
+            assert all("waiting for another process" in l.read_text() for l in logs), [l.read_text()[-2000:] for l in logs]
+            assert not list(key_dir.glob("shard-*")), "a process wrote shards without holding the lock"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    rcs = [p.wait(timeout=300) for p in procs]
+    assert rcs == [0, 0], [l.read_text()[-2000:] for l in logs]
+    from vla_lit.features import FeatureCache
+    shared = FeatureCache(key_dir)
+    assert shared.verify() == [] and len(shared) == 22 and not list(key_dir.glob("*.tmp*"))
+    _same(shared, alone)

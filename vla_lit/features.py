@@ -4,7 +4,9 @@
 
 # %% ../nbs/03_features.ipynb #88962ac1
 from __future__ import annotations
-import hashlib, json, os, time, warnings
+import contextlib, hashlib, json, os, sys, time, warnings
+try: import fcntl
+except ImportError: fcntl = None   # not POSIX: no cross-process lock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -189,6 +191,22 @@ def _extract(kind: str, key: str, key_parts: dict, n: int, shard_size: int,
     rank, world = _dist()
     out = Path(root)/key if root is not None else cache_dir("features", key)
     out.mkdir(parents=True, exist_ok=True)
+    with _key_lock(out, world):
+        return _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out, recompute, verify, rank, world)
+
+@contextlib.contextmanager
+def _key_lock(out: Path, world: int):
+    "Outside torchrun, one process at a time extracts a key; another waits (and then finds the cache)."
+    if world > 1 or fcntl is None: yield; return
+    with open(out/".lock", "a") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is extracting the same features ({out}) ...", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out: Path, recompute, verify, rank, world):
     mf = out/"manifest.json"
     if rank == 0 and recompute and mf.exists(): mf.unlink()
     if world > 1: dist.barrier()
