@@ -268,7 +268,8 @@ def run_notebook_child(run_dir: str | Path) -> int:
     "Body of one run's process (each torchrun rank runs it): papermill on the run's notebook; errors to error.json."
     import papermill as pm
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)   # so papermill shuts its kernel down
-    run_dir = Path(run_dir); cfg = json.loads((run_dir/"config.json").read_text())
+    run_dir = Path(run_dir).resolve()   # the kernel runs in the notebook's folder: out_dir must be absolute
+    cfg = json.loads((run_dir/"config.json").read_text())
     rank = int(os.environ.get("RANK", "0"))
     out = run_dir if rank == 0 else run_dir/"ranks"/f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
