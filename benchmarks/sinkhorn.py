@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse, json, math, os, sys, time, warnings
 import numpy as np, torch, ot
 from tabulate import tabulate
-from vla_lit.sinkhorn import sinkhorn, sinkhorn_lse
+from vla_lit.sinkhorn import sinkhorn, sinkhorn_lse, sinkhorn_fused
 
 def best(fn, repeat, sync=None):
     fn(); ts = []                                    # one warm-up call
@@ -77,6 +77,9 @@ def main(argv=None):
     t32 = add("sinkhorn f32 (stabilised, default)", lambda: sinkhorn(S, eps, 3))
     buf = torch.empty_like(S)
     add("sinkhorn f32, out= reused buffer", lambda: sinkhorn(S, eps, 3, out=buf))
+    t_fused = add("sinkhorn_fused f32 (1 sweep/iteration)", lambda: sinkhorn_fused(S, eps, 3))
+    add("sinkhorn_fused f32, out= reused buffer", lambda: sinkhorn_fused(S, eps, 3, out=buf))
+    add("sinkhorn_fused f64", lambda: sinkhorn_fused(S64, eps, 3))
     add("sinkhorn f64 (stabilised)", lambda: sinkhorn(S64, eps, 3))
     add("sinkhorn f32 log_domain=False", lambda: sinkhorn(S, eps, 3, log_domain=False))
     add("sinkhorn_lse f32 (plain log-domain)", lambda: sinkhorn_lse(S, eps, 3))
@@ -97,6 +100,12 @@ def main(argv=None):
           f"(needs 2 passes; goal <= 4): ratio to its 2 passes = {per_it/(2*floor):.2f}x; one gemv u^T K = {gemv*1e3:.2f} ms; "
           f"fixed cost (kernel exp + plan, out= buffer) = {(t_b3 - 3*per_it)*1e3:.1f} ms, of which one exp pass = {t_exp*1e3:.1f} ms; "
           f"allocating + first-touching a fresh {B}x{K} f32 tensor = {t_alloc*1e3:.1f} ms; kernel rebuilds at eps={eps}: {r.n_rebuilds}")
+    tf3 = best(lambda: sinkhorn_fused(S, eps, 3, out=buf), args.repeat, sync)
+    tfm = best(lambda: sinkhorn_fused(S, eps, 3 + n, out=buf), args.repeat, sync)
+    per_it_f = (tfm - tf3) / n
+    print(f"sinkhorn_fused per iteration: {per_it_f*1e3:.2f} ms = {per_it_f/floor:.2f} floor passes (it makes 1 sweep; goal <= 2); "
+          f"3 iterations in {tf3*1e3:.1f} ms = {tf3/floor:.1f} floor passes; POT / sinkhorn_fused = {t_pot/tf3:.1f}x at 3 iterations")
+    out["per_iter_fused"] = dict(ms=per_it_f * 1e3, floors=per_it_f / floor, three_iters_ms=tf3 * 1e3, vs_pot=t_pot / tf3)
     out["per_iter"] = dict(ms=per_it * 1e3, floors=per_it / floor, vs_two_passes=per_it / (2 * floor), floor_ms=floor * 1e3, gemv_ms=gemv * 1e3,
                            exp_ms=t_exp * 1e3, alloc_ms=t_alloc * 1e3, fixed_ms=(t_b3 - 3 * per_it) * 1e3)
 
@@ -138,20 +147,24 @@ def main(argv=None):
             X = make_scores(b_, k_, seed=2, device=dev)
             fl = best(lambda: X.sum(), args.repeat * 2, sync)
             t3 = best(lambda: sinkhorn(X, eps, 3), args.repeat, sync)
+            tf = best(lambda: sinkhorn_fused(X, eps, 3), args.repeat, sync)
             if b_ * k_ <= 256 * 16_384:
                 Mx = (-X.double()).cpu().numpy()
                 tp = best(lambda: ot.sinkhorn(ot.unif(b_), ot.unif(k_), Mx, eps, numItermax=3, stopThr=0, warn=False), 1)
                 dp = (sinkhorn(X, eps, 3).double().cpu() - torch.from_numpy(ot.sinkhorn(ot.unif(b_), ot.unif(k_), Mx, eps, numItermax=3, stopThr=0, warn=False))).abs().max().item()
                 pot_s, d_s = f"{tp/t3:.1f}x", f"{dp:.1e}"
             else: pot_s, d_s = "-", "-"
-            rows.append([b_, k_, f"{b_*k_/1e6:.2f}", f"{t3*1e3:.2f}", f"{fl*1e3:.2f}", f"{t3/fl:.1f}", pot_s, d_s]); pts.append((b_ * k_, t3))
+            if pot_s != "-": pot_s += f" / {tp/tf:.1f}x"
+            rows.append([b_, k_, f"{b_*k_/1e6:.2f}", f"{t3*1e3:.2f}", f"{tf*1e3:.2f}", f"{fl*1e3:.2f}", f"{t3/fl:.1f} / {tf/fl:.1f}", pot_s, d_s]); pts.append((b_ * k_, t3, tf))
     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
     slope = np.polyfit(x, y, 1)[0]; big = [p for p in pts if p[0] >= 4e6]
     slope_big = np.polyfit(np.log([p[0] for p in big]), np.log([p[1] for p in big]), 1)[0] if len(big) > 2 else float("nan")
+    slope_f = np.polyfit(x, np.log([p[2] for p in pts]), 1)[0]
     print(f"\n== sweep, eps={eps}, 3 iterations, f32 (POT only where B*K <= 4.2M)")
-    print(tabulate(rows, headers=["B", "K", "B*K (M)", "sinkhorn ms", "floor ms", "floor passes", "POT / this", "max |P - P_POT|"]))
-    print(f"time ~ (B*K)^{slope:.2f} over the sweep; ^{slope_big:.2f} for B*K >= 4M (1.00 = linear; small sizes pay fixed per-call overhead)")
-    out["sweep"] = dict(rows=rows, slope=slope, slope_large=slope_big)
+    print(tabulate(rows, headers=["B", "K", "B*K (M)", "sinkhorn ms", "fused ms", "floor ms", "floor passes (sinkhorn / fused)", "POT / sinkhorn / fused", "max |P - P_POT|"]))
+    print(f"sinkhorn time ~ (B*K)^{slope:.2f} over the sweep; ^{slope_big:.2f} for B*K >= 4M; sinkhorn_fused ~ (B*K)^{slope_f:.2f} "
+          "(1.00 = linear; small sizes pay fixed per-call overhead)")
+    out["sweep"] = dict(rows=rows, slope=slope, slope_large=slope_big, slope_fused=slope_f)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.json:
         with open(args.json, "w") as fh: json.dump(out, fh, indent=1, default=str)
