@@ -14,7 +14,7 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['LEXICAL_PROMPT', 'lexical_activation', 'pool_lexical', 'topk_mask', 'topk_sparsify', 'SparseLex', 'to_sparse',
            'sparse_index', 'sparse_scores', 'dense_scores', 'word_vocabulary', 'init_codebook', 'VisionLexAdapter',
-           'lexical_prompt', 'text_lexical_logits', 'TextLexMapper', 'top_words']
+           'lexical_prompt', 'text_lexical_logits', 'text_lexical_weights', 'calibrate_log_threshold', 'top_words']
 
 # %% ../nbs/30_lexical.ipynb #1f481804
 def lexical_activation(logits: torch.Tensor) -> torch.Tensor:
@@ -148,50 +148,41 @@ class VisionLexAdapter(nn.Module):
         return {"patch_weights": w, "image_weights": pool_lexical(w, how="max")}
 
 # %% ../nbs/30_lexical.ipynb #3323734d
-LEXICAL_PROMPT = 'This sentence: "{caption}" means in one word: "'
+LEXICAL_PROMPT = 'Summarize this caption in a few words: "{caption}"\nKeywords:'
 
 def lexical_prompt(caption: str, template: str = LEXICAL_PROMPT) -> str:
-    "The in-context prompt asking the LLM to summarise `caption` in one word."
+    "The in-context prompt asking the LLM to summarise `caption` in a few words."
     if not isinstance(caption, str) or not caption.strip(): raise ValueError(f"lexical_prompt: empty caption {caption!r}")
     return template.format(caption=" ".join(caption.split()))
 
 @torch.no_grad()
-def text_lexical_logits(lm, captions: Sequence[str], vocab_ids: torch.Tensor | None = None, n_answer: int = 1,
-                        batch_size: int = 16) -> torch.Tensor:
-    "LM-head logits [B, V'] at the answer position for each caption's lexical prompt (max over `n_answer` greedy steps)."
+def text_lexical_logits(lm, captions: Sequence[str], template: str = LEXICAL_PROMPT, batch_size: int = 16) -> torch.Tensor:
+    "Full-vocabulary LM-head logits [B, V] at the answer position of each caption's lexical prompt (frozen LM)."
     tok, model = lm.tokenizer, lm.model
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     dev = next(model.parameters()).device
     outs = []
     for i in range(0, len(captions), batch_size):
-        prompts = [lexical_prompt(c) for c in captions[i:i + batch_size]]
+        prompts = [lexical_prompt(c, template) for c in captions[i:i + batch_size]]
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(dev)
-        ids, att = enc["input_ids"], enc["attention_mask"]
-        step_logits = []
-        for _ in range(n_answer):
-            logits = model(input_ids=ids, attention_mask=att).logits[:, -1].float()
-            step_logits.append(logits if vocab_ids is None else logits[:, vocab_ids.to(dev)])
-            nxt = logits.argmax(-1, keepdim=True)
-            ids, att = torch.cat([ids, nxt], 1), torch.cat([att, torch.ones_like(nxt)], 1)
-        outs.append(torch.stack(step_logits, 1).max(1).values.cpu())
+        outs.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, -1].float().cpu())
     return torch.cat(outs)
 
-class TextLexMapper(nn.Module):
-    "Trainable mapper (init identity) + frozen text codebook: LM hidden state [B, d] -> text lexical weights [B, V]."
-    def __init__(self, codebook: torch.Tensor, bias_init: float = 0.0, scale: float | None = None):
-        super().__init__()
-        d = codebook.shape[1]
-        self.register_buffer("codebook", codebook.detach().float().clone())   # frozen (a buffer: never trained)
-        self.map = nn.Linear(d, d); nn.init.eye_(self.map.weight); nn.init.zeros_(self.map.bias)
-        self.scale = 1 / math.sqrt(d) if scale is None else scale
-        self.bias = nn.Parameter(torch.full((codebook.shape[0],), float(bias_init)))
+def _logprobs(logits, vocab_ids, name):
+    if logits.dim() != 2: raise ValueError(f"{name}: logits must be [B, V] over the full vocabulary, got {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all(): raise ValueError(f"{name}: logits contain NaN or inf")
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return lp if vocab_ids is None else lp[:, vocab_ids]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.dim() != 2 or hidden.shape[1] != self.codebook.shape[1]:
-            raise ValueError(f"TextLexMapper: hidden must be [B, {self.codebook.shape[1]}], got {tuple(hidden.shape)}")
-        return self.map(hidden) @ self.codebook.T * self.scale + self.bias
+def text_lexical_weights(logits: torch.Tensor, log_p0: float, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    "Frozen text lexical weights $\\log(1+\\mathrm{ReLU}(\\log p_v - \\log p_0))$ [B, V'] from full-vocabulary LM-head logits [B, V]."
+    return lexical_activation(_logprobs(logits, vocab_ids, "text_lexical_weights") - float(log_p0))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor: return lexical_activation(self.logits(hidden))
+def calibrate_log_threshold(logits: torch.Tensor, active: float, vocab_ids: torch.Tensor | None = None) -> float:
+    "The global $\\log p_0$ at which the rows of `logits` [B, V] have `active` words with $\\log p_v > \\log p_0$ on average."
+    lp = _logprobs(logits, vocab_ids, "calibrate_log_threshold").flatten()
+    m = min(max(int(round(active * logits.shape[0])), 1), lp.numel() - 1)
+    return float(lp.topk(m + 1).values[-1])
 
 # %% ../nbs/30_lexical.ipynb #b1dfe192
 def top_words(weights: torch.Tensor, tokenizer, vocab_ids: torch.Tensor | None = None, k: int = 10) -> list[list[tuple[str, float]]]:
