@@ -169,12 +169,12 @@ def zero_shot_logits(model: ShareLock, vision_feats: torch.Tensor, class_emb: to
     model.train(was)
     return zero_shot_scores(u, class_emb)
 
-# %% ../nbs/10_sharelock.ipynb #26687261
+# %% ../nbs/10_sharelock.ipynb #07195c2f
 def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_to_vision", hidden_dim: int = 4096,
                   num_layers: int = 4, dropout: float = 0.2, learn_temperature: bool = True, weight_decay: float = 1e-4,
                   warmup: float | int = 0.03, clip_grad: float = 1.0, ckpt_dir=None, resume: bool = False,
-                  eval_fn=None, eval_every=None, progress: bool = True, device=None):
-    "Train a `ShareLock` on paired feature rows (vision [N,D_v], text [N,D_t]: tensors or memmaps); returns (model, TrainResult)."
+                  eval_fn=None, eval_every=None, val=None, progress: bool = True, device=None):
+    "Train a `ShareLock` on paired feature rows (vision [N,D_v], text [N,D_t]: tensors or memmaps); returns (model, TrainResult). `val=(vision, text)`: early stopping on their CLIP loss."
     from vla_lit.core import RunConfig, seed_everything
     from vla_lit.train import train, tensor_batches
     cfg = cfg or RunConfig()
@@ -186,8 +186,23 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
                       num_layers=num_layers, dropout=dropout, learn_temperature=learn_temperature)
     data = tensor_batches(vision=vision_feats, text=text_feats, batch_size=min(cfg.batch_size, len(vision_feats)),
                           generator=cfg.seed)
+    best = {"val_loss": math.inf, "step": None, "state": None}
+    if val is not None:
+        vv, vt = (torch.as_tensor(x) for x in val)
+        if len(vv) != len(vt) or len(vv) < 2: raise ValueError(f"fit_sharelock: val needs >= 2 pairs of equal length, got {len(vv)} and {len(vt)}")
+        user_eval, calls = eval_fn, [0]
+        eval_every = eval_every or max(1, cfg.steps // 30)
+        def eval_fn(m):
+            calls[0] += 1
+            p = m.logit_scale.log_scale
+            l = float(clip_loss(m.encode_image(vv.to(p.device, p.dtype)), m.encode_text(vt.to(p.device, p.dtype)), m.logit_scale()))
+            if l < best["val_loss"]:
+                best.update(val_loss=l, step=min(calls[0] * eval_every, cfg.steps), state={k: v.detach().clone() for k, v in m.state_dict().items()})
+            return {"val_loss": l, **(dict(user_eval(m)) if user_eval else {})}
     res = train(model, data, cfg, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad, ckpt_dir=ckpt_dir,
                 resume=resume, eval_fn=eval_fn, eval_every=eval_every, progress=progress, device=device)
+    if best["state"] is not None: model.load_state_dict(best["state"])
+    res.best_step, res.best_val_loss = best["step"], best["val_loss"]
     return model.eval(), res
 
 # %% ../nbs/10_sharelock.ipynb #007adc53
