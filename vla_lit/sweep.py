@@ -527,7 +527,9 @@ def plot_sweep(table, out_dir: str | Path, specs: list[dict] | None = None) -> l
         for ax in axes[len(ms):]: ax.set_visible(False)
         if hue and len(lines) > 1: axes[0].legend(fontsize=7, title=", ".join(hue), title_fontsize=7)
         fig.suptitle(f"{table.attrs.get('name', '')}: mean ± std over seeds", fontsize=11)
-        path = out_dir/f"vs_{re.sub(r'[^A-Za-z0-9._=+-]', '-', x)}.png"
+        stem = f"vs_{re.sub(r'[^A-Za-z0-9._=+-]', '-', x)}"
+        n_same = sum(p.stem == stem or p.stem.startswith(stem + "_") for p in paths)   # two plots of one knob
+        path = out_dir/(f"{stem}_{n_same + 1}.png" if n_same else f"{stem}.png")
         fig.savefig(path, dpi=110); paths.append(path)
     return paths
 
