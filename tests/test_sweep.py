@@ -228,7 +228,10 @@ def test_ctrl_c_interrupts_and_resumes(tmp_path):
         "Path(out_dir, 'metrics.json').write_text(json.dumps({'x': 1.0}))", params="wait = True\nout_dir = '.'")
     (tmp_path/"s.yaml").write_text(yaml.safe_dump({"name": "i", "notebook": "slow.ipynb"}))
     cmd = [str(BIN/"vla_lit"), "sweep", str(tmp_path/"s.yaml"), "--out", str(tmp_path/"runs")]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that runs the tests in the background (`cmd &`, CI runners, nohup) starts them with SIGINT
+    # ignored, and an ignored SIGINT is inherited: give the sweep the terminal's default, as Ctrl-C would find it
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pid_file = tmp_path/"runs"/"i"/"run"/"kernel.pid"
     t0 = time.time()
     while not pid_file.exists() and time.time() - t0 < 180: time.sleep(0.5)
