@@ -421,7 +421,8 @@ def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: in
 
 # %% ../nbs/50_sweep.ipynb #055eb025
 def _cell(v):
-    "A knob value as a table cell: hashable, lists/dicts as compact JSON."
+    "A knob value as a table cell: hashable, lists/dicts as compact JSON, an explicit None as 'None' (not NaN = the knob not set)."
+    if v is None: return "None"
     return json.dumps(v, separators=(",", ":"), sort_keys=True, default=str) if isinstance(v, (list, dict)) else v
 
 def _is_num(v) -> bool: return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
