@@ -91,7 +91,7 @@ class VLAP(nn.Module):
     "VLAP: a linear map vision -> LLM input space, trained by swapped OT assignment prediction over the word embeddings + captioning."
     def __init__(self, lm, vision_dim: int, *, epsilon: float = 0.01, sinkhorn_iters: int = 3, temperature: float = 0.01,
                  assign_weight: float = 0.1, caption_weight: float = 1.0, objective: str = "ot", vocab_ids: Tensor | None = None,
-                 prior: Tensor | None = None, prompt: str = "A picture of", caption_batch: int | None = None):
+                 prior: Tensor | None = None, prompt: str = "A picture of", caption_batch: int | None = None, text_mean: Tensor | None = None):
         super().__init__()
         if objective not in ("ot", "contrastive"): raise ValueError(f"VLAP: objective must be 'ot' or 'contrastive', got {objective!r}")
         self.lm = lm
@@ -107,6 +107,9 @@ class VLAP(nn.Module):
         if prior is not None and len(prior) != len(self.prototypes):
             raise ValueError(f"VLAP: prior has {len(prior)} entries for {len(self.prototypes)} prototypes")
         self.register_buffer("prior", None if prior is None else prior.float(), persistent=False)
+        if text_mean is not None and tuple(text_mean.shape) != (lm.dim,):
+            raise ValueError(f"VLAP: text_mean must have shape ({lm.dim},), got {tuple(text_mean.shape)}")
+        self.register_buffer("text_mean", None if text_mean is None else text_mean.detach().float().clone())   # saved with the map when set
         self.register_buffer("prompt_ids", torch.tensor(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [], dtype=torch.long), persistent=False)
 
     def train(self, mode: bool = True):
@@ -124,9 +127,11 @@ class VLAP(nn.Module):
         return F.normalize(self.visual_tokens(vision).mean(1), dim=-1)
 
     def embed_text(self, text: Tensor) -> Tensor:
-        "Normalised caption feature [B, D]."
+        "Normalised caption feature [B, D], minus `text_mean` first when the mechanism holds one."
         if not torch.isfinite(text).all(): raise ValueError("VLAP: text features contain NaN/inf")
-        return F.normalize(text.to(self.prototypes.dtype), dim=-1)
+        text = text.to(self.prototypes.dtype)
+        if self.text_mean is not None: text = text - self.text_mean.to(text.device, text.dtype)
+        return F.normalize(text, dim=-1)
 
     def scores(self, z: Tensor) -> Tensor:
         "Cosine scores of normalised vectors [B, D] against the prototypes [B, K]."
