@@ -14,7 +14,7 @@ from .metrics import zero_shot_classifier, zero_shot_scores
 
 # %% auto #0
 __all__ = ['clip_loss', 'LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts', 'class_embeddings',
-           'zero_shot_logits', 'fit_sharelock', 'random_weight_lm']
+           'zero_shot_logits', 'caption_subject', 'caption_prompts', 'fit_sharelock', 'random_weight_lm']
 
 # %% ../nbs/10_sharelock.ipynb #138b87a5
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -169,6 +169,20 @@ def zero_shot_logits(model: ShareLock, vision_feats: torch.Tensor, class_emb: to
     model.train(was)
     return zero_shot_scores(u, class_emb)
 
+# %% ../nbs/10_sharelock.ipynb #09b8a2aa
+import re
+_LEADING = re.compile(r"^(?:a pair of|an|a|the|some)\s+", re.IGNORECASE)
+def caption_subject(caption: str) -> str:
+    "The subject of a one-phrase caption, for prompt templates: 'A pair of blue jeans.' -> 'blue jeans' (article and final stop removed)."
+    c = str(caption).strip()
+    if not c: raise ValueError("caption_subject: empty caption")
+    c = c.rstrip(".").strip() or c
+    return _LEADING.sub("", c, count=1).strip() or c
+
+def caption_prompts(captions: Sequence[str], templates: Sequence[str]) -> list[str]:
+    "Every caption's subject put into every template, caption-major (prompt t of caption i at index i*len(templates)+t)."
+    return class_prompts([caption_subject(c) for c in captions], templates)
+
 # %% ../nbs/10_sharelock.ipynb #07195c2f
 def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_to_vision", hidden_dim: int = 4096,
                   num_layers: int = 4, dropout: float = 0.2, learn_temperature: bool = True, weight_decay: float = 1e-4,
@@ -186,23 +200,30 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
                       num_layers=num_layers, dropout=dropout, learn_temperature=learn_temperature)
     data = tensor_batches(vision=vision_feats, text=text_feats, batch_size=min(cfg.batch_size, len(vision_feats)),
                           generator=cfg.seed)
-    best = {"val_loss": math.inf, "step": None, "state": None}
+    best = {"val_loss": math.inf, "state": None}
     if val is not None:
         vv, vt = (torch.as_tensor(x) for x in val)
         if len(vv) != len(vt) or len(vv) < 2: raise ValueError(f"fit_sharelock: val needs >= 2 pairs of equal length, got {len(vv)} and {len(vt)}")
-        user_eval, calls = eval_fn, [0]
+        user_eval = eval_fn
         eval_every = eval_every or max(1, cfg.steps // 30)
+        best_path = Path(ckpt_dir) / "best_val.pt" if ckpt_dir is not None else None
+        if resume and best_path is not None and best_path.exists() and (best_path.parent / "last.pt").exists():           # the best model seen before the interruption
+            best.update(torch.load(best_path, map_location="cpu", weights_only=False))
         def eval_fn(m):
-            calls[0] += 1
             p = m.logit_scale.log_scale
             l = float(clip_loss(m.encode_image(vv.to(p.device, p.dtype)), m.encode_text(vt.to(p.device, p.dtype)), m.logit_scale()))
             if l < best["val_loss"]:
-                best.update(val_loss=l, step=min(calls[0] * eval_every, cfg.steps), state={k: v.detach().clone() for k, v in m.state_dict().items()})
+                best.update(val_loss=l, state={k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
+                if best_path is not None:
+                    best_path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"val_loss": l, "state": best["state"]}, best_path.with_suffix(".tmp")); best_path.with_suffix(".tmp").replace(best_path)
             return {"val_loss": l, **(dict(user_eval(m)) if user_eval else {})}
     res = train(model, data, cfg, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad, ckpt_dir=ckpt_dir,
                 resume=resume, eval_fn=eval_fn, eval_every=eval_every, progress=progress, device=device)
     if best["state"] is not None: model.load_state_dict(best["state"])
-    res.best_step, res.best_val_loss = best["step"], best["val_loss"]
+    # the step of the best validation loss, read from the trainer's history (whose rows carry the trainer's step, also after a resume)
+    at = [h["step"] for h in res.history if h.get("val_loss") == best["val_loss"]]
+    res.best_step, res.best_val_loss = (at[0] if at else None), best["val_loss"]
     return model.eval(), res
 
 # %% ../nbs/10_sharelock.ipynb #007adc53
