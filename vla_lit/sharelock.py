@@ -14,7 +14,7 @@ from .metrics import zero_shot_classifier, zero_shot_scores
 
 # %% auto #0
 __all__ = ['clip_loss', 'LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts', 'class_embeddings',
-           'zero_shot_logits', 'caption_subject', 'caption_prompts', 'fit_sharelock', 'random_weight_lm']
+           'zero_shot_logits', 'caption_subject', 'fit_sharelock', 'random_weight_lm']
 
 # %% ../nbs/10_sharelock.ipynb #138b87a5
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -179,10 +179,6 @@ def caption_subject(caption: str) -> str:
     c = c.rstrip(".").strip() or c
     return _LEADING.sub("", c, count=1).strip() or c
 
-def caption_prompts(captions: Sequence[str], templates: Sequence[str]) -> list[str]:
-    "Every caption's subject put into every template, caption-major (prompt t of caption i at index i*len(templates)+t)."
-    return class_prompts([caption_subject(c) for c in captions], templates)
-
 # %% ../nbs/10_sharelock.ipynb #07195c2f
 def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_to_vision", hidden_dim: int = 4096,
                   num_layers: int = 4, dropout: float = 0.2, learn_temperature: bool = True, weight_decay: float = 1e-4,
@@ -208,7 +204,7 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
         eval_every = eval_every or max(1, cfg.steps // 30)
         best_path = Path(ckpt_dir) / "best_val.pt" if ckpt_dir is not None else None
         if resume and best_path is not None and best_path.exists() and (best_path.parent / "last.pt").exists():           # the best model seen before the interruption
-            best.update(torch.load(best_path, map_location="cpu", weights_only=False))
+            best.update(torch.load(best_path, map_location="cpu", weights_only=True))
         def eval_fn(m):
             p = m.logit_scale.log_scale
             l = float(clip_loss(m.encode_image(vv.to(p.device, p.dtype)), m.encode_text(vt.to(p.device, p.dtype)), m.logit_scale()))

@@ -49,6 +49,17 @@ def _marginal(m, n: int, lead, like: Tensor, name: str) -> Tensor:
     if not torch.isfinite(m).all() or (m <= 0).any(): raise ValueError(f"sinkhorn: marginal {name} must be finite and > 0 everywhere")
     return m.expand(*lead, n)
 
+def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, name: str) -> Tensor:
+    "The checks every Sinkhorn entry point makes on its arguments; returns `x` as a float tensor (float32 for ints/half)."
+    what = "cost" if is_cost else "score"
+    if normalize not in ("plan", "rows", "cols"): raise ValueError(f"{name}: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
+    if not epsilon > 0: raise ValueError(f"{name}: epsilon must be > 0, got {epsilon}")
+    if x.dim() < 2: raise ValueError(f"{name}: expected scores of shape [..., B, K], got shape {tuple(x.shape)}")
+    if x.numel() == 0: raise ValueError(f"{name}: the {what} matrix is empty, shape {tuple(x.shape)}")
+    lo, hi = torch.aminmax(x)   # one pass; NaN and inf propagate into min/max (torch.isfinite(x).all() costs ~20 passes on a CPU)
+    if not (torch.isfinite(lo) and torch.isfinite(hi)): raise ValueError(f"{name}: the {what} matrix contains NaN or inf")
+    return x.float() if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16) else x
+
 # %% ../nbs/20_sinkhorn.ipynb #d1937e93
 @torch.no_grad()
 def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: float | None = None,
@@ -59,15 +70,9 @@ def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: 
     or with `tol` until the L1 column-marginal error <= tol (at most `max_iters`). Returns the plan
     (`normalize`: "plan" | "rows" | "cols"), or a `SinkhornResult` with `full=True`; `out`: a [..., B, K]
     buffer to compute the plan in (reused across calls it saves allocating B*K numbers each time)."""
-    if normalize not in ("plan", "rows", "cols"): raise ValueError(f"sinkhorn: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
-    if not epsilon > 0: raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
-    if x.dim() < 2: raise ValueError(f"sinkhorn: expected scores of shape [..., B, K], got shape {tuple(x.shape)}")
-    if x.numel() == 0: raise ValueError(f"sinkhorn: the {'cost' if is_cost else 'score'} matrix is empty, shape {tuple(x.shape)}")
-    lo, hi = torch.aminmax(x)   # one pass; NaN and inf propagate into min/max (torch.isfinite(x).all() costs ~20 passes on a CPU)
-    if not (torch.isfinite(lo) and torch.isfinite(hi)): raise ValueError(f"sinkhorn: the {'cost' if is_cost else 'score'} matrix contains NaN or inf")
+    x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn")
     if n_iters is None: n_iters = 3 if tol is None else max_iters
     if n_iters < 1: raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
-    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16): x = x.float()
     *lead, B, K = x.shape
     a = _marginal(a, B, lead, x, "a"); b = _marginal(b, K, lead, x, "b")
     if not torch.allclose(a.sum(-1), b.sum(-1), rtol=1e-4): raise ValueError("sinkhorn: marginals a and b must have the same total mass")
@@ -126,14 +131,8 @@ def sinkhorn_fused(x: Tensor, epsilon: float = 0.05, n_iters: int = 3, a: Tensor
                    is_cost: bool = False, normalize: str = "plan", block_elems: int = 1 << 18, out: Tensor | None = None) -> Tensor:
     """Fixed-iteration Sinkhorn in the scaling domain with one cache-blocked sweep over the kernel per iteration
     (same iterates as `sinkhorn`); falls back to the stabilised log-domain `sinkhorn` if the exp-domain kernel underflows."""
-    if normalize not in ("plan", "rows", "cols"): raise ValueError(f"sinkhorn_fused: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
-    if not epsilon > 0: raise ValueError(f"sinkhorn_fused: epsilon must be > 0, got {epsilon}")
-    if x.dim() < 2: raise ValueError(f"sinkhorn_fused: expected scores of shape [..., B, K], got shape {tuple(x.shape)}")
+    x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn_fused")
     if n_iters < 1: raise ValueError(f"sinkhorn_fused: n_iters must be >= 1, got {n_iters}")
-    if x.numel() == 0: raise ValueError(f"sinkhorn_fused: the {'cost' if is_cost else 'score'} matrix is empty, shape {tuple(x.shape)}")
-    lo, hi = torch.aminmax(x)   # one pass; NaN and inf propagate into min/max (torch.isfinite(x).all() costs ~20 passes on a CPU)
-    if not (torch.isfinite(lo) and torch.isfinite(hi)): raise ValueError(f"sinkhorn_fused: the {'cost' if is_cost else 'score'} matrix contains NaN or inf")
-    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16): x = x.float()
     fallback = lambda: sinkhorn(x, epsilon, n_iters, a=a, b=b, is_cost=is_cost, normalize=normalize, out=out)
     *lead, B, K = x.shape
     X = x.reshape(-1, B, K)
