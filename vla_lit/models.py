@@ -18,8 +18,8 @@ from .core import get_device, default_dtype, cache_dir, embedded_path
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODELS', 'TINY_RANDOM_MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'POOLINGS', 'CHECK_PROMPT', 'ModelLoadError',
-           'known_models', 'file_sha256', 'fingerprint', 'converted_dir', 'conversion_info', 'Frozen', 'VisionOutput',
-           'VisionEncoder', 'dinov2_from_onnx', 'onnx_backbone_output', 'pool_hidden', 'LanguageModel',
+           'known_models', 'file_sha256', 'fingerprint', 'converted_dir', 'conversion_info', 'freeze', 'Frozen',
+           'VisionOutput', 'VisionEncoder', 'dinov2_from_onnx', 'onnx_backbone_output', 'pool_hidden', 'LanguageModel',
            'greedy_continuation', 'hub_offline', 'load_vision', 'load_lm']
 
 # %% ../nbs/01_models.ipynb #88682b96
@@ -133,11 +133,17 @@ def conversion_info(name: str) -> dict:
     if not f.exists(): raise FileNotFoundError(f"{name!r} has not been converted yet (load it once); looked for {f}")
     return json.loads(f.read_text())
 
+# %% ../nbs/01_models.ipynb #2b87c138
+def freeze(module: nn.Module) -> nn.Module:
+    "Freeze `module` in place (no parameter requires grad, eval mode) and return it."
+    module.requires_grad_(False)
+    return module.eval()
+
 # %% ../nbs/01_models.ipynb #6989638f
 class Frozen(nn.Module):
     "Base of the wrappers: parameters never require grad, and the module stays in eval mode."
     def freeze(self):
-        for p in self.parameters(): p.requires_grad_(False)
+        freeze(self)
         return super().train(False)
     def train(self, mode: bool = True): return super().train(False)
     @property
