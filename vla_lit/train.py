@@ -4,20 +4,25 @@
 
 # %% ../nbs/04_train.ipynb #a8041138
 from __future__ import annotations
-import os, math, time, json, random, signal, threading, hashlib, warnings, copy
+import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 import numpy as np
+import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from fastcore.basics import patch
+from fastcore.meta import delegates
 from tqdm import tqdm
 from .core import RunConfig, get_device, seed_everything
 
 # %% auto #0
 __all__ = ['cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules', 'count_parameters', 'trainable_state_dict',
            'load_trainable_state_dict', 'frozen_snapshot', 'check_frozen', 'NonFiniteLossError', 'TrainResult',
-           'dist_info', 'to_device', 'train']
+           'dist_info', 'to_device', 'TrainOptions', 'Trainer', 'train']
 
 # %% ../nbs/04_train.ipynb #3e54dd02
 def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -29,15 +34,22 @@ def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: 
     progress = (step - warmup) / (total - warmup)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/04_train.ipynb #3242bdbc
+# %% ../nbs/04_train.ipynb #152a4d4f
 def _as_rows(x, name):
-    if isinstance(x, torch.Tensor) or isinstance(x, np.ndarray): return x
-    raise TypeError(f"tensor_batches: {name} must be a torch.Tensor or numpy array (memmap), got {type(x).__name__}")
+    "`x` itself if it is a tensor or an array (a memmap included), else a clear error."
+    if isinstance(x, torch.Tensor) or isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"tensor_batches: {name} must be a torch.Tensor or numpy array (memmap), "
+                    f"got {type(x).__name__}")
 
+# %% ../nbs/04_train.ipynb #bca3501f
 def _take(x, idx: np.ndarray) -> torch.Tensor:
-    if isinstance(x, torch.Tensor): return x[torch.from_numpy(idx)]
+    "Rows `idx` of a tensor or array, as a tensor (a memmap reads only those rows)."
+    if isinstance(x, torch.Tensor):
+        return x[torch.from_numpy(idx)]
     return torch.from_numpy(np.ascontiguousarray(x[idx]))
 
+# %% ../nbs/04_train.ipynb #615d0f9e
 class TensorBatches:
     "Endless shuffled minibatches of rows of equally long tensors/arrays; resumable (`state_dict`) and shardable."
     def __init__(self, *tensors, batch_size: int, generator: torch.Generator | int | None = None,
@@ -51,9 +63,9 @@ class TensorBatches:
         if len(set(lens.values())) != 1: raise ValueError(f"tensor_batches: arrays have different lengths {lens}")
         self.n = next(iter(lens.values()))
         if batch_size <= 0: raise ValueError(f"tensor_batches: batch_size must be > 0, got {batch_size}")
-        if not 0 <= rank < world_size: raise ValueError(f"tensor_batches: need 0 <= rank < world_size, got {rank}, {world_size}")
-        per_rank = self.n // world_size
-        if per_rank < batch_size and drop_last:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"tensor_batches: need 0 <= rank < world_size, got {rank}, {world_size}")
+        if self.n // world_size < batch_size and drop_last:
             raise ValueError(f"tensor_batches: {self.n} rows over {world_size} rank(s) give fewer than one batch of "
                              f"{batch_size} (drop_last=True); lower batch_size")
         if self.n == 0: raise ValueError("tensor_batches: the arrays are empty")
@@ -65,92 +77,138 @@ class TensorBatches:
         self._epoch, self._pos, self._perm = 0, 0, None
         self._epoch_state = generator.get_state()
 
-    def _new_epoch(self):
-        self._epoch_state = self.generator.get_state()
-        perm = torch.randperm(self.n, generator=self.generator).numpy()
-        # every rank draws the same permutation, then keeps its own strided share (equal lengths)
-        m = (self.n // self.world_size) * self.world_size
-        self._perm = perm[:m][self.rank::self.world_size]
+# %% ../nbs/04_train.ipynb #757a9c9c
+@patch
+def _new_epoch(self: TensorBatches):
+    "Draw the next epoch's permutation; every rank draws the same one and keeps its own strided share."
+    self._epoch_state = self.generator.get_state()
+    perm = torch.randperm(self.n, generator=self.generator).numpy()
+    m = (self.n // self.world_size) * self.world_size
+    self._perm = perm[:m][self.rank::self.world_size]
 
-    def _pack(self, idx):
-        rows = [_take(a, idx) for a in self._arrays]
-        return dict(zip(self._keys, rows)) if self._named else tuple(rows)
+# %% ../nbs/04_train.ipynb #dde488f9
+@patch
+def _pack(self: TensorBatches, idx):
+    "The rows `idx` of every array: a tuple, or a dict if the arrays were passed by name."
+    rows = [_take(a, idx) for a in self._arrays]
+    return dict(zip(self._keys, rows)) if self._named else tuple(rows)
 
-    def __iter__(self): return self
-    def __next__(self):
-        if self._perm is None: self._new_epoch()
-        if self._pos + (self.batch_size if self.drop_last else 1) > len(self._perm):
-            self._epoch += 1; self._pos = 0; self._new_epoch()
-        idx = np.sort(self._perm[self._pos:self._pos + self.batch_size])
-        self._pos += self.batch_size
-        return self._pack(idx)
+# %% ../nbs/04_train.ipynb #db54ee8d
+@patch
+def __iter__(self: TensorBatches):
+    return self
 
-    def state_dict(self) -> dict:
-        "Where the stream is: the generator state at the start of the current epoch and the offset in it."
-        return {"epoch_state": (self._epoch_state if self._perm is not None else self.generator.get_state()).clone(),
-                "epoch": self._epoch, "pos": self._pos, "started": self._perm is not None}
-    def load_state_dict(self, s: dict):
-        self.generator.set_state(s["epoch_state"]); self._epoch, self._pos = s["epoch"], s["pos"]
-        self._perm = None
-        if s["started"]: self._new_epoch()
+# %% ../nbs/04_train.ipynb #1cc40124
+@patch
+def __next__(self: TensorBatches):
+    "The next minibatch; a new epoch starts when the current one cannot fill a batch."
+    if self._perm is None:
+        self._new_epoch()
+    if self._pos + (self.batch_size if self.drop_last else 1) > len(self._perm):
+        self._epoch += 1
+        self._pos = 0
+        self._new_epoch()
+    idx = np.sort(self._perm[self._pos:self._pos + self.batch_size])
+    self._pos += self.batch_size
+    return self._pack(idx)
 
-    def shard(self, rank: int, world_size: int) -> "TensorBatches":
-        "The same stream for rank `rank` of `world_size` (a copy with the generator state cloned)."
-        g = torch.Generator().manual_seed(0); g.set_state(self.generator.get_state())
-        arrays = dict(zip(self._keys, self._arrays)) if self._named else {}
-        return TensorBatches(*([] if self._named else self._arrays), batch_size=self.batch_size, generator=g,
-                             drop_last=self.drop_last, rank=rank, world_size=world_size, **arrays)
+# %% ../nbs/04_train.ipynb #33fa4165
+@patch
+def state_dict(self: TensorBatches) -> dict:
+    "Where the stream is: the generator state at the start of the current epoch and the offset in it."
+    started = self._perm is not None
+    state = self._epoch_state if started else self.generator.get_state()
+    return {"epoch_state": state.clone(), "epoch": self._epoch, "pos": self._pos, "started": started}
 
+# %% ../nbs/04_train.ipynb #1dcc07f3
+@patch
+def load_state_dict(self: TensorBatches, s: dict):
+    "Continue the stream from a `state_dict`."
+    self.generator.set_state(s["epoch_state"])
+    self._epoch, self._pos = s["epoch"], s["pos"]
+    self._perm = None
+    if s["started"]:
+        self._new_epoch()
+
+# %% ../nbs/04_train.ipynb #39f2f19d
+@patch
+def shard(self: TensorBatches, rank: int, world_size: int) -> TensorBatches:
+    "The same stream for rank `rank` of `world_size` (a copy with the generator state cloned)."
+    g = torch.Generator().manual_seed(0)
+    g.set_state(self.generator.get_state())
+    arrays = dict(zip(self._keys, self._arrays)) if self._named else {}
+    positional = [] if self._named else self._arrays
+    return TensorBatches(*positional, batch_size=self.batch_size, generator=g, drop_last=self.drop_last,
+                         rank=rank, world_size=world_size, **arrays)
+
+# %% ../nbs/04_train.ipynb #3dd13d84
 def tensor_batches(*tensors, batch_size: int, generator: torch.Generator | int | None = None,
                    drop_last: bool = True, **named) -> TensorBatches:
     "Shuffled minibatches forever from in-memory or memory-mapped arrays (tuples, or dicts if passed by name)."
     return TensorBatches(*tensors, batch_size=batch_size, generator=generator, drop_last=drop_last, **named)
 
-# %% ../nbs/04_train.ipynb #07fca040
+# %% ../nbs/04_train.ipynb #be2d951e
 def frozen_modules(module: nn.Module) -> list[str]:
     "Names of the maximal submodules that have parameters, none of them trainable ('' = the whole module)."
     out = []
     for name, m in module.named_modules():
-        if any(name.startswith(f + ".") or f == "" for f in out): continue
+        if any(name.startswith(f + ".") or f == "" for f in out):
+            continue
         ps = list(m.parameters())
-        if ps and not any(p.requires_grad for p in ps): out.append(name)
+        if ps and not any(p.requires_grad for p in ps):
+            out.append(name)
     return out
 
+# %% ../nbs/04_train.ipynb #998d29cb
 def _in_frozen(name: str, frozen: list[str]) -> bool:
+    "Whether the tensor `name` lies inside one of the frozen parts."
     return any(f == "" or name.startswith(f + ".") for f in frozen)
 
+# %% ../nbs/04_train.ipynb #9748fee7
 def count_parameters(module: nn.Module) -> dict[str, int]:
     "Number of trainable and frozen parameter elements."
     tr = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return {"trainable": tr, "frozen": sum(p.numel() for p in module.parameters()) - tr}
 
+# %% ../nbs/04_train.ipynb #ecb0f52a
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     "What a checkpoint keeps: `module.trainable_state_dict()` if defined, else trainable parameters + buffers outside frozen parts."
-    if hasattr(module, "trainable_state_dict"): return module.trainable_state_dict()
-    frozen, keep = frozen_modules(module), {n for n, p in module.named_parameters() if p.requires_grad}
+    if hasattr(module, "trainable_state_dict"):
+        return module.trainable_state_dict()
+    frozen = frozen_modules(module)
+    keep = {n for n, p in module.named_parameters() if p.requires_grad}
     keep |= {n for n, _ in module.named_buffers() if not _in_frozen(n, frozen)}
     return {k: v.detach().clone() for k, v in module.state_dict().items() if k in keep}
 
+# %% ../nbs/04_train.ipynb #1428700c
 def load_trainable_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]):
     "Load what `trainable_state_dict` saved; a clear error if names do not match."
-    if hasattr(module, "load_trainable_state_dict"): return module.load_trainable_state_dict(state)
+    if hasattr(module, "load_trainable_state_dict"):
+        return module.load_trainable_state_dict(state)
     expected = set(trainable_state_dict(module))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the mechanism's trainable state: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise KeyError(f"checkpoint does not match the mechanism's trainable state: missing {missing[:10]}, "
+                       f"unexpected {unexpected[:10]}")
     module.load_state_dict(dict(state), strict=False)
 
+# %% ../nbs/04_train.ipynb #fd15e47a
 def _digest(t: torch.Tensor) -> str:
+    "SHA-256 of a tensor's bytes."
     t = t.detach().cpu().contiguous()
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
+# %% ../nbs/04_train.ipynb #f0643d0b
 def frozen_snapshot(module: nn.Module) -> dict[str, tuple]:
     "Fingerprint (shape, dtype, SHA-256 of the bytes) of every frozen parameter and every buffer inside a frozen part."
     frozen = frozen_modules(module)
-    snap = {f"param:{n}": (tuple(p.shape), str(p.dtype), _digest(p)) for n, p in module.named_parameters() if not p.requires_grad}
-    snap |= {f"buffer:{n}": (tuple(b.shape), str(b.dtype), _digest(b)) for n, b in module.named_buffers() if _in_frozen(n, frozen)}
+    snap = {f"param:{n}": (tuple(p.shape), str(p.dtype), _digest(p))
+            for n, p in module.named_parameters() if not p.requires_grad}
+    snap |= {f"buffer:{n}": (tuple(b.shape), str(b.dtype), _digest(b))
+             for n, b in module.named_buffers() if _in_frozen(n, frozen)}
     return snap
 
+# %% ../nbs/04_train.ipynb #21de55ca
 def check_frozen(snapshot: dict[str, tuple], module: nn.Module):
     "Raise `AssertionError` naming every frozen tensor of `snapshot` that changed, vanished or became trainable."
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
@@ -158,281 +216,654 @@ def check_frozen(snapshot: dict[str, tuple], module: nn.Module):
     for key, (shape, dtype, dig) in snapshot.items():
         kind, name = key.split(":", 1)
         t = (params if kind == "param" else buffers).get(name)
-        if t is None: bad.append(f"{name} (missing)")
-        elif kind == "param" and t.requires_grad: bad.append(f"{name} (now requires_grad)")
-        elif (tuple(t.shape), str(t.dtype)) != (shape, dtype) or _digest(t) != dig: bad.append(f"{name} (values changed)")
-    if bad: raise AssertionError(f"frozen tensors were modified: {bad[:20]}" + (f" and {len(bad) - 20} more" if len(bad) > 20 else ""))
+        if t is None:
+            bad.append(f"{name} (missing)")
+        elif kind == "param" and t.requires_grad:
+            bad.append(f"{name} (now requires_grad)")
+        elif (tuple(t.shape), str(t.dtype)) != (shape, dtype) or _digest(t) != dig:
+            bad.append(f"{name} (values changed)")
+    if bad:
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise AssertionError(f"frozen tensors were modified: {bad[:20]}{more}")
 
-# %% ../nbs/04_train.ipynb #5caec551
+# %% ../nbs/04_train.ipynb #1e325b40
 class NonFiniteLossError(FloatingPointError):
     "The loss or the gradient norm became NaN/inf; the message names the step and the last good checkpoint."
 
+# %% ../nbs/04_train.ipynb #189cba75
 @dataclass
 class TrainResult:
-    "What `train` returns: the logged history (one dict per logged step), the final trainable state, where it was saved."
+    "What `train` returns: the history (one dict per logged step), the final trainable state, EMA and best states."
     history: list[dict]
     state: dict[str, torch.Tensor]
     steps: int
     checkpoint: Path | None = None
     resumed_from: int | None = None
+    ema_state: dict[str, torch.Tensor] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_step: int | None = None
+    best_metric: float | None = None
+    stopped: str | None = None
+    seconds: float = 0.0
+
     @property
     def df(self):
         "The history as a pandas DataFrame indexed by step."
-        import pandas as pd
         return pd.DataFrame(self.history).set_index("step") if self.history else pd.DataFrame()
-    def last(self, key: str = "loss") -> float:
-        "The last logged value of `key`."
-        vals = [h[key] for h in self.history if key in h and h[key] == h[key]]
-        if not vals: raise KeyError(f"{key!r} was never logged; logged keys: {sorted({k for h in self.history for k in h})}")
-        return vals[-1]
 
+# %% ../nbs/04_train.ipynb #8a66d4b2
+@patch
+def last(self: TrainResult, key: str = "loss") -> float:
+    "The last logged value of `key`."
+    vals = [h[key] for h in self.history if key in h and h[key] == h[key]]
+    if not vals:
+        raise KeyError(f"{key!r} was never logged; logged keys: {sorted({k for h in self.history for k in h})}")
+    return vals[-1]
+
+# %% ../nbs/04_train.ipynb #f9e14330
 class _LossForward(nn.Module):
     "DDP hooks run on `forward`; this routes `forward(batch)` to the mechanism's `loss(batch)`."
-    def __init__(self, mechanism): super().__init__(); self.mechanism = mechanism
-    def forward(self, batch): return self.mechanism.loss(batch)
+    def __init__(self, mechanism):
+        super().__init__()
+        self.mechanism = mechanism
 
+    def forward(self, batch):
+        return self.mechanism.loss(batch)
+
+# %% ../nbs/04_train.ipynb #2a8b0375
 def dist_info() -> tuple[int, int, int]:
     "(rank, local_rank, world_size) of this process: from torch.distributed if initialised, else torchrun's environment."
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), local, dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), local, int(os.environ.get("WORLD_SIZE", 1))
 
+# %% ../nbs/04_train.ipynb #9d363537
 def to_device(batch, device: torch.device):
     "Move every tensor inside nested dicts/lists/tuples to `device`."
-    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping): return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"): return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
+# %% ../nbs/04_train.ipynb #d316501c
 def _rank_seed(seed: int, rank: int) -> int:
+    "A seed of its own for each rank, derived from the run's seed."
     return int(np.random.SeedSequence([seed, rank, 0x7a11]).generate_state(1)[0])
 
+# %% ../nbs/04_train.ipynb #8b3a9aee
 def _rng_state(gen: torch.Generator | None) -> dict:
+    "The states of Python's, NumPy's and torch's generators (and the data generator's)."
     s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
-    if gen is not None: s["data_generator"] = gen.get_state()
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    if gen is not None:
+        s["data_generator"] = gen.get_state()
     return s
 
+# %% ../nbs/04_train.ipynb #89f9155e
 def _set_rng_state(s: dict, gen: torch.Generator | None):
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s["cuda"])
-    if gen is not None and "data_generator" in s: gen.set_state(s["data_generator"])
+    "Restore what `_rng_state` saved."
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    if gen is not None and "data_generator" in s:
+        gen.set_state(s["data_generator"])
 
+# %% ../nbs/04_train.ipynb #c50931e1
 def _atomic_save(obj, path: Path):
+    "`torch.save` to a temporary file, then rename: a crash while writing never leaves a broken file."
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp); os.replace(tmp, path)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
+# %% ../nbs/04_train.ipynb #4014abe7
 class _ShieldInterrupt:
     "Defer Ctrl-C while the weights are being updated, so an interrupt never leaves a half-applied step."
     def __enter__(self):
         self.hit, self.old = False, None
         if threading.current_thread() is threading.main_thread():
-            try: self.old = signal.signal(signal.SIGINT, self._handler)
-            except ValueError: self.old = None
+            try:
+                self.old = signal.signal(signal.SIGINT, self._handler)
+            except ValueError:
+                self.old = None
         return self
-    def _handler(self, *a): self.hit = True
+
+    def _handler(self, *a):
+        self.hit = True
+
     def __exit__(self, *exc):
-        if self.old is not None: signal.signal(signal.SIGINT, self.old)
-        if self.hit and exc[0] is None: raise KeyboardInterrupt
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit and exc[0] is None:
+            raise KeyboardInterrupt
         return False
 
+# %% ../nbs/04_train.ipynb #717e816b
 def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float):
+    "AdamW groups: weight decay on matrices only (CLIP's rule), none on biases, gains and scalars."
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
+# %% ../nbs/04_train.ipynb #4f5e0a95
 def _batch_stream(data, rank: int, world: int):
     "Endless iterator over an iterable's batches, re-iterating when it ends; rank `r` keeps every `world`-th batch."
-    if hasattr(data, "shard") and world > 1: data = data.shard(rank, world)
+    if hasattr(data, "shard") and world > 1:
+        data = data.shard(rank, world)
     def gen():
         epoch = 0
         while True:
             it = iter(data)
-            if it is data and epoch > 0: return          # a one-shot iterator that ran out
+            if it is data and epoch > 0:
+                return                                   # a one-shot iterator that ran out
             n = 0
             for i, b in enumerate(it):
                 if hasattr(data, "shard") or world == 1 or i % world == rank:
-                    n += 1; yield b
-            if n == 0: raise ValueError("train: the data iterable yielded no batch (for this rank)")
+                    n += 1
+                    yield b
+            if n == 0:
+                raise ValueError("train: the data iterable yielded no batch (for this rank)")
             epoch += 1
     return data, gen()
 
-# %% ../nbs/04_train.ipynb #86bdda04
+# %% ../nbs/04_train.ipynb #1b37d32b
 def _resolve_warmup(warmup: int | float, steps: int) -> int:
-    if isinstance(warmup, float) and 0 <= warmup < 1: return int(round(warmup * steps))
-    if warmup < 0 or int(warmup) != warmup: raise ValueError(f"train: warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
+    "Warm-up in steps from a fraction of `steps` (float < 1) or a whole number of steps."
+    if isinstance(warmup, float) and 0 <= warmup < 1:
+        return int(round(warmup * steps))
+    if warmup < 0 or int(warmup) != warmup:
+        raise ValueError(f"train: warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
     return min(int(warmup), steps)
 
-def train(mechanism: nn.Module, data: Iterable | Callable[[int, torch.Generator], Any], cfg: RunConfig | None = None, *,
-          steps: int | None = None, lr: float | None = None, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
-          eps: float = 1e-8, warmup: int | float = 0.05, min_lr: float = 0.0, clip_grad: float | None = 1.0,
-          ckpt_dir: str | Path | None = None, ckpt_every: int | None = None, resume: bool = False,
-          log_every: int = 1, eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None, eval_every: int | None = None,
-          amp: str | None = None, device: str | torch.device | None = None, progress: bool = True,
-          ddp_kwargs: dict | None = None) -> TrainResult:
-    """Train the parameters of `mechanism` that require grad to minimise `mechanism.loss(batch)["loss"]`.
-    `data`: an iterable of batches or a callable `(step, generator) -> batch`. `steps`/`lr` default to `cfg.steps`/`cfg.lr`;
-    `warmup` is a fraction of `steps` (float < 1) or a number of steps; `ckpt_every` defaults to `steps // 10` when `ckpt_dir`
-    is set; `eval_fn(mechanism) -> {name: float}` runs (no grad, eval mode, rank 0) every `eval_every` steps and at the end;
-    `amp` in {None, 'bf16', 'fp16'} runs the loss under autocast."""
-    import torch.distributed as dist
-    cfg = cfg or RunConfig()
-    steps = cfg.steps if steps is None else steps
-    base_lr = cfg.lr if lr is None else lr
-    if not callable(getattr(mechanism, "loss", None)): raise TypeError(f"train: {type(mechanism).__name__} has no loss(batch) method")
-    if steps < 0 or not base_lr > 0: raise ValueError(f"train: need steps >= 0 and lr > 0, got steps={steps}, lr={base_lr}")
-    if log_every <= 0: raise ValueError(f"train: log_every must be > 0, got {log_every}")
-    n_warm = _resolve_warmup(warmup, steps)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
-    if ckpt_dir is not None and ckpt_every is None: ckpt_every = max(1, steps // 10)
-    if resume and ckpt_dir is None: raise ValueError("train: resume=True needs ckpt_dir")
-    if amp not in (None, "bf16", "fp16"): raise ValueError(f"train: amp must be None, 'bf16' or 'fp16', got {amp!r}")
+# %% ../nbs/04_train.ipynb #01f3e025
+@dataclass
+class TrainOptions:
+    "The knobs of `train` (see the table above); `steps` and `lr` default to the run config's."
+    steps: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup: int | float = 0.05
+    min_lr: float = 0.0
+    clip_grad: float | None = 1.0
+    ckpt_dir: str | Path | None = None
+    ckpt_every: int | None = None
+    resume: bool = False
+    log_every: int = 1
+    eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None
+    eval_every: int | None = None
+    keep_best: str | None = None
+    best_mode: str = "max"
+    patience: int | None = None
+    ema_decay: float | None = None
+    max_seconds: float | None = None
+    on_step: Callable[[int, dict], None] | None = None
+    amp: str | None = None
+    device: str | torch.device | None = None
+    progress: bool = True
+    ddp_kwargs: dict | None = None
 
-    # --- distributed setup -------------------------------------------------------------------
-    rank, local_rank, world = dist_info()
-    we_init = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo"); we_init = True
-    ddp = world > 1
-    if device is None and ddp and torch.cuda.is_available(): device = f"cuda:{local_rank}"
-    device = get_device(device if device is not None else cfg.device)
-    if device.type == "cuda" and device.index is not None: torch.cuda.set_device(device)
-    is_main = rank == 0
+# %% ../nbs/04_train.ipynb #c41a78dc
+def _check_options(o: TrainOptions):
+    "Refuse option values that would silently run another experiment."
+    if int(o.steps) != o.steps or o.steps < 0 or not o.lr > 0:
+        raise ValueError(f"train: need a whole number steps >= 0 and lr > 0, got steps={o.steps}, lr={o.lr}")
+    if o.log_every <= 0: raise ValueError(f"train: log_every must be > 0, got {o.log_every}")
+    if o.clip_grad is not None and not o.clip_grad > 0:
+        raise ValueError(f"train: clip_grad must be > 0, or None to turn clipping off; got {o.clip_grad}")
+    if o.resume and o.ckpt_dir is None: raise ValueError("train: resume=True needs ckpt_dir")
+    if o.amp not in (None, "bf16", "fp16"): raise ValueError(f"train: amp must be None, 'bf16' or 'fp16', got {o.amp!r}")
+    if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
+        raise ValueError(f"train: ema_decay must be in [0, 1), got {o.ema_decay}")
+    if o.best_mode not in ("max", "min"): raise ValueError(f"train: best_mode must be 'max' or 'min', got {o.best_mode!r}")
+    if o.keep_best is not None and o.eval_fn is None: raise ValueError("train: keep_best needs eval_fn")
+    if o.patience is not None and (o.keep_best is None or o.patience < 1):
+        raise ValueError(f"train: patience ({o.patience}) needs keep_best and must be >= 1")
+    if o.max_seconds is not None and not o.max_seconds > 0:
+        raise ValueError(f"train: max_seconds must be > 0, got {o.max_seconds}")
 
-    seed_everything(cfg.seed)
-    if ddp: torch.manual_seed(_rank_seed(cfg.seed, rank)); random.seed(_rank_seed(cfg.seed, rank)); np.random.seed(_rank_seed(cfg.seed, rank) % 2**32)
-    mechanism.to(device)
-    named = [(n, p) for n, p in mechanism.named_parameters() if p.requires_grad]
-    if not named: raise ValueError(f"train: {type(mechanism).__name__} has no parameter with requires_grad=True")
-    opt = torch.optim.AdamW(_param_groups(named, weight_decay), lr=base_lr, betas=betas, eps=eps)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    frozen = frozen_modules(mechanism)
-    def set_train_mode():
-        mechanism.train()
-        for f in frozen: mechanism.get_submodule(f).eval()
-    model = mechanism
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        kw = {"broadcast_buffers": False} | (ddp_kwargs or {})
-        model = DDP(_LossForward(mechanism), device_ids=[device.index] if device.type == "cuda" else None, **kw)
-    loss_fn = model if ddp else mechanism.loss
+# %% ../nbs/04_train.ipynb #ffdabe18
+@patch
+def resolve(self: TrainOptions, cfg: RunConfig) -> TrainOptions:
+    "A checked copy: `steps`/`lr` from `cfg` where unset, `warmup` in steps, `ckpt_every` defaulted."
+    o = dataclasses.replace(self, steps=cfg.steps if self.steps is None else self.steps,
+                            lr=cfg.lr if self.lr is None else self.lr)
+    _check_options(o)
+    o.steps = int(o.steps)
+    o.warmup = _resolve_warmup(o.warmup, o.steps)
+    o.ckpt_dir = Path(o.ckpt_dir) if o.ckpt_dir is not None else None
+    if o.ckpt_dir is not None and o.ckpt_every is None:
+        o.ckpt_every = max(1, o.steps // 10)
+    return o
 
-    gen = torch.Generator().manual_seed(_rank_seed(cfg.seed, rank)) if callable(data) and not hasattr(data, "__iter__") else None
-    source, stream = (data, None) if gen is not None else _batch_stream(data, rank, world)
-    stateful = gen is None and hasattr(source, "state_dict") and hasattr(source, "load_state_dict")
+# %% ../nbs/04_train.ipynb #c37740c9
+class Trainer:
+    "One `train` call: the mechanism on its device, optimiser, data stream, history, EMA and best state."
+    def __init__(self, mechanism: nn.Module, data, cfg: RunConfig, opts: TrainOptions):
+        if not callable(getattr(mechanism, "loss", None)):
+            raise TypeError(f"train: {type(mechanism).__name__} has no loss(batch) method")
+        self.mech, self.data, self.cfg, self.o = mechanism, data, cfg, opts.resolve(cfg)
+        self._setup_dist()
+        seed_everything(cfg.seed)
+        if self.ddp:
+            s = _rank_seed(cfg.seed, self.rank)
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+        mechanism.to(self.device)
+        self._setup_optimiser()
+        self._setup_data()
+        self.history, self.step, self.start, self.resumed_from = [], 0, 0, None
+        self.ckpt_path = self.o.ckpt_dir / "last.pt" if self.o.ckpt_dir is not None else None
+        self.last_ckpt_step, self.at_step_start, self.last_eval_step = None, None, None
+        ema = self.o.ema_decay is not None
+        self.ema = {k: v.detach().clone() for k, v in trainable_state_dict(mechanism).items()} if ema else None
+        self.best_state, self.best_step, self.best_metric, self.bad_evals = None, None, None, 0
+        self.stopped, self.seconds_before, self.t0 = None, 0.0, time.perf_counter()
 
-    # --- resume ------------------------------------------------------------------------------
-    history, start, resumed_from = [], 0, None
-    ckpt_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        load_trainable_state_dict(mechanism, {k: v.to(device) for k, v in ck["model"].items()})
-        opt.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"): scaler.load_state_dict(ck["scaler"])
-        start, history, resumed_from = ck["step"], ck["history"], ck["step"]
-        now = {"total": steps, "warmup": n_warm, "base_lr": base_lr, "min_lr": min_lr}
-        was = {k: ck["schedule"].get(k) for k in now}
-        if was != now: warnings.warn(f"train: resuming {ckpt_path} with a different schedule {now} (checkpoint: {was}); "
-                                     "the result will differ from an uninterrupted run")
-        per_rank = ck["per_rank"]
-        if len(per_rank) != world or per_rank[rank] is None:
-            warnings.warn(f"train: checkpoint was written by {len(per_rank)} rank(s), now {world}; RNG/data position of rank {rank} "
-                          "cannot be restored exactly, the data stream restarts")
-            mine = None
-        else: mine = per_rank[rank]
-        if mine is not None:
-            if stateful and mine.get("data") is not None: source.load_state_dict(mine["data"])
-            elif stream is not None:
-                for _ in range(start): next(stream)                      # fast-forward a plain iterable
-            _set_rng_state(mine["rng"], gen)
-        if start > steps: raise ValueError(f"train: checkpoint {ckpt_path} is at step {start}, beyond steps={steps}")
+# %% ../nbs/04_train.ipynb #00638e63
+@patch
+def _setup_dist(self: Trainer):
+    "Rank and world size, the process group (made here if torchrun started us and nobody else did), the device."
+    self.rank, local_rank, self.world = dist_info()
+    self.we_init = False
+    if self.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.we_init = True
+    self.ddp, self.is_main = self.world > 1, self.rank == 0
+    device = self.o.device
+    if device is None and self.ddp and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    self.device = get_device(device if device is not None else self.cfg.device)
+    if self.device.type == "cuda" and self.device.index is not None:
+        torch.cuda.set_device(self.device)
 
-    def position(): return {"rng": _rng_state(gen), "data": copy.deepcopy(source.state_dict()) if stateful else None}
-    def checkpoint(step, gather=True, mine=None):
-        mine = mine or position()
-        if ddp and gather:
-            per_rank = [None] * world; dist.all_gather_object(per_rank, mine)
-        else: per_rank = [mine] + [None] * (world - 1)
-        if not is_main or ckpt_dir is None: return
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save({"step": step, "model": {k: v.detach().cpu() for k, v in trainable_state_dict(mechanism).items()},
-                      "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                      "schedule": {"kind": "warmup_cosine", "total": steps, "warmup": n_warm, "base_lr": base_lr, "min_lr": min_lr},
-                      "per_rank": per_rank, "history": history, "config": cfg.to_dict(), "world_size": world, "version": 1}, ckpt_path)
-        tmp = ckpt_dir / "history.json.tmp"; tmp.write_text(json.dumps(history)); os.replace(tmp, ckpt_dir / "history.json")
-    last_ckpt_step = start if resumed_from is not None else None
+# %% ../nbs/04_train.ipynb #1c7b0159
+@patch
+def _setup_optimiser(self: Trainer):
+    "AdamW over the trainable parameters, a gradient scaler for fp16, the DDP wrapper under torchrun."
+    o, mech = self.o, self.mech
+    named = [(n, p) for n, p in mech.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"train: {type(mech).__name__} has no parameter with requires_grad=True")
+    self.params = [p for _, p in named]
+    self.opt = torch.optim.AdamW(_param_groups(named, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    self.scaler = torch.amp.GradScaler(self.device.type) if o.amp == "fp16" else None
+    self.frozen = frozen_modules(mech)
+    self.loss_fn = mech.loss
+    if self.ddp:
+        kw = {"broadcast_buffers": False} | (o.ddp_kwargs or {})
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.loss_fn = DistributedDataParallel(_LossForward(mech), device_ids=ids, **kw)
 
-    def run_eval(step):
-        if eval_fn is None: return
-        if is_main:
-            mechanism.eval()
-            with torch.no_grad(): res = {k: float(v) for k, v in dict(eval_fn(mechanism)).items()}
-            row = next((h for h in history if h["step"] == step), None)
-            if row is None: history.append({"step": step, **res})
-            else: row.update(res)
-            set_train_mode()
-        if ddp: dist.barrier()
+# %% ../nbs/04_train.ipynb #2c3f85f0
+@patch
+def _setup_data(self: Trainer):
+    "A callable gets the trainer's generator; an iterable becomes an endless (sharded) stream."
+    data = self.data
+    is_callable = callable(data) and not hasattr(data, "__iter__")
+    self.gen = torch.Generator().manual_seed(_rank_seed(self.cfg.seed, self.rank)) if is_callable else None
+    self.source, self.stream = (data, None) if is_callable else _batch_stream(data, self.rank, self.world)
+    self.stateful = not is_callable and hasattr(self.source, "state_dict") and hasattr(self.source, "load_state_dict")
 
-    # --- the loop ----------------------------------------------------------------------------
-    set_train_mode()
-    params = [p for _, p in named]
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=cfg.name, disable=not (progress and is_main), dynamic_ncols=True)
-    step, at_step_start = start, None
+# %% ../nbs/04_train.ipynb #98f7f335
+@patch
+def set_train_mode(self: Trainer):
+    "Training mode for the mechanism, eval mode for its frozen parts."
+    self.mech.train()
+    for f in self.frozen:
+        self.mech.get_submodule(f).eval()
+
+# %% ../nbs/04_train.ipynb #c716ba0b
+@patch
+def elapsed(self: Trainer) -> float:
+    "Seconds of training so far, those of earlier runs of a resumed one included."
+    return self.seconds_before + time.perf_counter() - self.t0
+
+# %% ../nbs/04_train.ipynb #ca3d2a06
+@patch
+def position(self: Trainer) -> dict:
+    "This rank's RNG states and data position: where a resumed run continues from."
+    return {"rng": _rng_state(self.gen), "data": copy.deepcopy(self.source.state_dict()) if self.stateful else None}
+
+# %% ../nbs/04_train.ipynb #4a5e2e77
+@patch
+def checkpoint(self: Trainer, gather: bool = True, mine: dict | None = None):
+    "Write `last.pt` (rank 0): weights, optimiser, schedule, every rank's position, history, EMA, best state."
+    o, mine = self.o, mine or self.position()
+    if self.ddp and gather:
+        per_rank = [None] * self.world
+        dist.all_gather_object(per_rank, mine)
+    else:
+        per_rank = [mine] + [None] * (self.world - 1)
+    self.last_ckpt_step = self.step
+    if not self.is_main or o.ckpt_dir is None:
+        return
+    o.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cpu = lambda sd: None if sd is None else {k: v.detach().cpu() for k, v in sd.items()}
+    schedule = {"kind": "warmup_cosine", "total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr}
+    best = {"state": self.best_state, "step": self.best_step, "metric": self.best_metric, "bad": self.bad_evals}
+    _atomic_save({"step": self.step, "model": cpu(trainable_state_dict(self.mech)), "optimizer": self.opt.state_dict(),
+                  "scaler": self.scaler.state_dict() if self.scaler else None, "schedule": schedule,
+                  "per_rank": per_rank, "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world,
+                  "ema": cpu(self.ema), "best": best, "seconds": self.elapsed(), "version": 2}, self.ckpt_path)
+    tmp = o.ckpt_dir / "history.json.tmp"
+    tmp.write_text(json.dumps(self.history))
+    os.replace(tmp, o.ckpt_dir / "history.json")
+
+# %% ../nbs/04_train.ipynb #329051a1
+def _read_checkpoint(path: Path) -> dict:
+    "Load `last.pt`; a file that cannot be read is a clear error naming it, never a silent fresh start."
     try:
-        while step < steps:
-            if ckpt_dir is not None: at_step_start = position()   # where an interrupt inside this step resumes from
-            if gen is not None: batch = data(step, gen)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"train: cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
+                           f"truncated: restore it, or delete it to start the run over") from e
+
+# %% ../nbs/04_train.ipynb #2e94b4d8
+@patch
+def _warn_if_changed(self: Trainer, ck: dict):
+    "Warn when the run resumed differs from the one checkpointed (schedule or seed)."
+    o = self.o
+    now = {"total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr}
+    was = {k: ck["schedule"].get(k) for k in now}
+    if was != now:
+        warnings.warn(f"train: resuming {self.ckpt_path} with a different schedule {now} (checkpoint: {was}); "
+                      "the result will differ from an uninterrupted run")
+    seed = ck.get("config", {}).get("seed", self.cfg.seed)
+    if seed != self.cfg.seed:
+        warnings.warn(f"train: resuming {self.ckpt_path} (seed {seed}) with seed {self.cfg.seed}; "
+                      "the result will differ from an uninterrupted run of either")
+
+# %% ../nbs/04_train.ipynb #e3dc2964
+@patch
+def _restore_position(self: Trainer, ck: dict):
+    "This rank's RNG states and data position, or a warning when the world size changed."
+    per_rank = ck["per_rank"]
+    if len(per_rank) != self.world or per_rank[self.rank] is None:
+        warnings.warn(f"train: checkpoint was written by {len(per_rank)} rank(s), now {self.world}; RNG/data position "
+                      f"of rank {self.rank} cannot be restored exactly, the data stream restarts")
+        return
+    mine = per_rank[self.rank]
+    if self.stateful and mine.get("data") is not None:
+        self.source.load_state_dict(mine["data"])
+    elif self.stream is not None:
+        for _ in range(self.start):
+            next(self.stream)                            # fast-forward a plain iterable
+    _set_rng_state(mine["rng"], self.gen)
+
+# %% ../nbs/04_train.ipynb #eca01548
+@patch
+def resume(self: Trainer):
+    "With `resume=True` and a `last.pt`: weights, optimiser, history, EMA, best state, time spent, RNG, data position."
+    if not (self.o.resume and self.ckpt_path.exists()):
+        return
+    ck = _read_checkpoint(self.ckpt_path)
+    load_trainable_state_dict(self.mech, {k: v.to(self.device) for k, v in ck["model"].items()})
+    self.opt.load_state_dict(ck["optimizer"])
+    if self.scaler is not None and ck.get("scaler"):
+        self.scaler.load_state_dict(ck["scaler"])
+    self.start = self.step = self.resumed_from = self.last_ckpt_step = ck["step"]
+    self.history = ck["history"]
+    if self.ema is not None and ck.get("ema") is not None:
+        self.ema = {k: v.to(self.device) for k, v in ck["ema"].items()}
+    best = ck.get("best") or {}
+    self.best_state, self.best_step = best.get("state"), best.get("step")
+    self.best_metric, self.bad_evals = best.get("metric"), best.get("bad", 0)
+    self.seconds_before = ck.get("seconds", 0.0)
+    self._warn_if_changed(ck)
+    self._restore_position(ck)
+    if self.start > self.o.steps:
+        raise ValueError(f"train: checkpoint {self.ckpt_path} is at step {self.start}, beyond steps={self.o.steps}")
+
+# %% ../nbs/04_train.ipynb #5bee2120
+@patch
+def next_batch(self: Trainer):
+    "The batch of the current step, on the device."
+    if self.gen is not None:
+        return to_device(self.data(self.step, self.gen), self.device)
+    try:
+        batch = next(self.stream)
+    except StopIteration:
+        raise ValueError(f"train: the data ran out after {self.step} steps (a one-shot iterator); "
+                         f"pass a re-iterable, a TensorBatches or a callable") from None
+    return to_device(batch, self.device)
+
+# %% ../nbs/04_train.ipynb #bde6fb1e
+@patch
+def _kept_message(self: Trainer) -> str:
+    "What a failed run leaves behind, for error messages."
+    if self.last_ckpt_step is None:
+        return "; no checkpoint was written yet"
+    return f"; the last good checkpoint {self.ckpt_path} (step {self.last_ckpt_step}) is kept"
+
+# %% ../nbs/04_train.ipynb #fe70bba9
+@patch
+def _logged(self: Trainer, out) -> dict[str, float]:
+    "The loss and the other scalar outputs of `loss(batch)`, averaged over ranks (NaN anywhere: NaN everywhere)."
+    if not isinstance(out, Mapping) or "loss" not in out:
+        keys = f" with keys {sorted(out)}" if isinstance(out, Mapping) else ""
+        raise TypeError(f"train: {type(self.mech).__name__}.loss(batch) must return a dict with a 'loss' key, "
+                        f"got {type(out).__name__}{keys}")
+    scalars = {k: v for k, v in out.items() if k != "loss" and (isinstance(v, (int, float))
+                                                                or (torch.is_tensor(v) and v.numel() == 1))}
+    as_t = lambda v: torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().float().reshape(())
+    vals = torch.stack([out["loss"].detach().float().reshape(())] + [as_t(v) for v in scalars.values()])
+    if self.ddp:
+        dist.all_reduce(vals)
+        vals /= self.world
+    return dict(zip(["loss", *scalars], vals.tolist()))
+
+# %% ../nbs/04_train.ipynb #d6e5ef4c
+@patch
+def forward_backward(self: Trainer, batch) -> tuple[dict[str, float], float]:
+    "Loss, finiteness checks, backward and clipping; (logged scalars, gradient norm). No weight changes yet."
+    o = self.o
+    dtype = torch.bfloat16 if o.amp == "bf16" else torch.float16
+    with torch.autocast(self.device.type, dtype=dtype, enabled=o.amp is not None):
+        out = self.loss_fn(batch)
+    logged = self._logged(out)
+    if not math.isfinite(logged["loss"]):
+        where = " (on some rank)" if self.ddp else ""
+        raise NonFiniteLossError(f"train: loss is {logged['loss']} at step {self.step}{where}{self._kept_message()}")
+    self.opt.zero_grad(set_to_none=True)
+    (self.scaler.scale(out["loss"]) if self.scaler else out["loss"]).backward()
+    if self.scaler:
+        self.scaler.unscale_(self.opt)
+    gnorm = float(nn.utils.clip_grad_norm_(self.params, o.clip_grad if o.clip_grad else float("inf")))
+    if not math.isfinite(gnorm) and self.scaler is None:
+        raise NonFiniteLossError(f"train: gradient norm is {gnorm} at step {self.step} "
+                                 f"(loss {logged['loss']:.4g}){self._kept_message()}")
+    return logged, gnorm
+
+# %% ../nbs/04_train.ipynb #50594983
+@patch
+def update_ema(self: Trainer):
+    "Move the EMA towards the current state with decay min(ema_decay, (1 + s) / (10 + s)) at update s."
+    if self.ema is None:
+        return
+    decay = min(self.o.ema_decay, (1 + self.step) / (10 + self.step))
+    with torch.no_grad():
+        for k, v in trainable_state_dict(self.mech).items():
+            e = self.ema[k]
+            if e.is_floating_point():
+                e.lerp_(v.to(e.device, e.dtype), 1 - decay)
             else:
-                try: batch = next(stream)
-                except StopIteration: raise ValueError(f"train: the data ran out after {step} steps (a one-shot iterator); "
-                                                       f"pass a re-iterable, a TensorBatches or a callable") from None
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp is not None):
-                out = loss_fn(batch)
-            if not isinstance(out, Mapping) or "loss" not in out:
-                raise TypeError(f"train: {type(mechanism).__name__}.loss(batch) must return a dict with a 'loss' key, got {type(out).__name__}"
-                                + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else ""))
-            loss = out["loss"]
-            scalars = {k: v for k, v in out.items() if k != "loss" and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1))}
-            keys = ["loss", *scalars]
-            vals = torch.stack([loss.detach().float().reshape(())] + [torch.as_tensor(v, dtype=torch.float32, device=device).detach().float().reshape(()) for v in scalars.values()])
-            if ddp: dist.all_reduce(vals); vals /= world                   # mean over ranks; NaN anywhere -> NaN everywhere
-            vals = vals.tolist()
-            if not math.isfinite(vals[0]):
-                raise NonFiniteLossError(f"train: loss is {vals[0]} at step {step}" + (" (on some rank)" if ddp else "")
-                                         + (f"; the last good checkpoint {ckpt_path} (step {last_ckpt_step}) is kept" if last_ckpt_step is not None else "; no checkpoint was written yet"))
-            opt.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler: scaler.unscale_(opt)
-            gnorm = float(nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf")))
-            if not math.isfinite(gnorm) and scaler is None:
-                raise NonFiniteLossError(f"train: gradient norm is {gnorm} at step {step} (loss {vals[0]:.4g})"
-                                         + (f"; the last good checkpoint {ckpt_path} (step {last_ckpt_step}) is kept" if last_ckpt_step is not None else "; no checkpoint was written yet"))
-            cur_lr = cosine_schedule(step, steps, n_warm, base_lr, min_lr)
-            with _ShieldInterrupt():
-                for g in opt.param_groups: g["lr"] = cur_lr
-                if scaler: scaler.step(opt); scaler.update()
-                else: opt.step()
-                step += 1; at_step_start = None
-            if step % log_every == 0 or step == steps:
-                history.append({"step": step, **dict(zip(keys, vals)), "lr": cur_lr, "grad_norm": gnorm, "time": time.perf_counter() - t0})
-                bar.set_postfix(loss=f"{vals[0]:.4g}", refresh=False)
+                e.copy_(v)
+
+# %% ../nbs/04_train.ipynb #165cac1d
+@patch
+def apply_update(self: Trainer) -> float:
+    "The scheduled learning rate, the optimiser step and the EMA, shielded from Ctrl-C; returns the rate."
+    o = self.o
+    lr = cosine_schedule(self.step, o.steps, o.warmup, o.lr, o.min_lr)
+    with _ShieldInterrupt():
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.update_ema()
+        self.step += 1
+        self.at_step_start = None
+    return lr
+
+# %% ../nbs/04_train.ipynb #da2440dc
+@patch
+def log(self: Trainer, logged: dict[str, float], lr: float, gnorm: float):
+    "A history row every `log_every` steps and at the last one."
+    if self.step % self.o.log_every == 0 or self.step == self.o.steps:
+        self.history.append({"step": self.step, **logged, "lr": lr, "grad_norm": gnorm, "time": self.elapsed()})
+
+# %% ../nbs/04_train.ipynb #f60ccc43
+@patch
+def _agree(self: Trainer, flag: bool) -> bool:
+    "Rank 0's decision, on every rank (a no-op outside DDP)."
+    if not self.ddp:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+# %% ../nbs/04_train.ipynb #f106b090
+@patch
+def _keep_best(self: Trainer, res: dict[str, float]) -> bool:
+    "Keep the state if the `keep_best` metric improved strictly; True when patience has run out."
+    o = self.o
+    if o.keep_best is None:
+        return False
+    if o.keep_best not in res:
+        raise KeyError(f"train: keep_best={o.keep_best!r} is not among eval_fn's metrics {sorted(res)}")
+    v, best = res[o.keep_best], self.best_metric
+    better = math.isfinite(v) and (best is None or (v > best if o.best_mode == "max" else v < best))
+    if better:
+        self.best_metric, self.best_step, self.bad_evals = v, self.step, 0
+        self.best_state = {k: t.detach().cpu().clone() for k, t in trainable_state_dict(self.mech).items()}
+    else:
+        self.bad_evals += 1
+    return o.patience is not None and self.bad_evals >= o.patience
+
+# %% ../nbs/04_train.ipynb #1e6d95b9
+@patch
+def evaluate(self: Trainer):
+    "`eval_fn` on rank 0 (no grad, eval mode) into the history, keep-best; every rank learns whether to stop."
+    o = self.o
+    if o.eval_fn is None:
+        return
+    stop = False
+    if self.is_main:
+        self.mech.eval()
+        with torch.no_grad():
+            res = {k: float(v) for k, v in dict(o.eval_fn(self.mech)).items()}
+        row = next((h for h in self.history if h["step"] == self.step), None)
+        if row is None:
+            self.history.append({"step": self.step, **res})
+        else:
+            row.update(res)
+        self.set_train_mode()
+        stop = self._keep_best(res)
+    if self._agree(stop):
+        self.stopped = "patience"
+    self.last_eval_step = self.step
+
+# %% ../nbs/04_train.ipynb #2da7239e
+@patch
+def after_step(self: Trainer, loss: float):
+    "Periodic evaluation and checkpoint, the time limit, then the `on_step` hook."
+    o, step = self.o, self.step
+    if o.eval_every and step % o.eval_every == 0 and step != o.steps:
+        self.evaluate()
+    saved = bool(o.ckpt_dir is not None and o.ckpt_every and step % o.ckpt_every == 0 and step != o.steps)
+    if saved:
+        self.checkpoint()
+    if o.max_seconds is not None and step < o.steps and self._agree(self.elapsed() > o.max_seconds):
+        self.stopped = "max_seconds"
+    if o.on_step is not None and self.is_main:
+        o.on_step(step, {"loss": loss, "checkpointed": saved, "ema": self.ema, "final": False})
+
+# %% ../nbs/04_train.ipynb #81afb5d8
+@patch
+def finish(self: Trainer):
+    "The last evaluation (unless this step was just evaluated), the final checkpoint, the final hook call."
+    o = self.o
+    if self.last_eval_step != self.step:
+        self.evaluate()
+    if o.ckpt_dir is not None:
+        self.checkpoint()
+    if o.on_step is not None and self.is_main:
+        loss = self.history[-1].get("loss", float("nan")) if self.history else float("nan")
+        o.on_step(self.step, {"loss": loss, "checkpointed": o.ckpt_dir is not None, "ema": self.ema, "final": True})
+
+# %% ../nbs/04_train.ipynb #2d498ad1
+@patch
+def interrupted(self: Trainer):
+    "Ctrl-C: checkpoint the position where the interrupted step began, so resuming repeats that step."
+    if self.o.ckpt_dir is None:
+        return
+    self.checkpoint(gather=False, mine=self.at_step_start)
+    if self.is_main:
+        warnings.warn(f"train: interrupted at step {self.step}; checkpoint written to {self.ckpt_path} "
+                      "(resume with resume=True)")
+
+# %% ../nbs/04_train.ipynb #a13cf323
+@patch
+def close(self: Trainer):
+    "Leave the mechanism in eval mode; end the process group if this call made it."
+    self.mech.eval()
+    if self.we_init and dist.is_initialized():
+        dist.destroy_process_group()
+
+# %% ../nbs/04_train.ipynb #49e89f16
+@patch
+def result(self: Trainer) -> TrainResult:
+    "What `train` returns."
+    state = {k: v.detach().cpu().clone() for k, v in trainable_state_dict(self.mech).items()}
+    ema = None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+    return TrainResult(history=self.history, state=state, steps=self.step, checkpoint=self.ckpt_path,
+                       resumed_from=self.resumed_from, ema_state=ema, best_state=self.best_state,
+                       best_step=self.best_step, best_metric=self.best_metric, stopped=self.stopped,
+                       seconds=self.elapsed())
+
+# %% ../nbs/04_train.ipynb #07f7ce34
+@delegates(TrainOptions)
+def train(mechanism: nn.Module, data: Iterable | Callable[[int, torch.Generator], Any],
+          cfg: RunConfig | None = None, **kwargs) -> TrainResult:
+    """Train the parameters of `mechanism` that require grad to minimise `mechanism.loss(batch)["loss"]`.
+    `data`: an iterable of batches or a callable `(step, generator) -> batch`; `kwargs`: the fields of `TrainOptions`."""
+    t = Trainer(mechanism, data, cfg or RunConfig(), TrainOptions(**kwargs))
+    t.resume()
+    o = t.o
+    bar = tqdm(total=o.steps, initial=t.step, desc=t.cfg.name, disable=not (o.progress and t.is_main),
+               dynamic_ncols=True)
+    try:
+        t.set_train_mode()
+        while t.step < o.steps and t.stopped is None:
+            if o.ckpt_dir is not None:
+                t.at_step_start = t.position()           # where an interrupt inside this step resumes from
+            batch = t.next_batch()
+            logged, gnorm = t.forward_backward(batch)
+            lr = t.apply_update()
+            t.log(logged, lr, gnorm)
+            bar.set_postfix(loss=f"{logged['loss']:.4g}", refresh=False)
             bar.update(1)
-            if eval_every and step % eval_every == 0 and step != steps: run_eval(step)
-            if ckpt_dir is not None and ckpt_every and step % ckpt_every == 0 and step != steps:
-                checkpoint(step); last_ckpt_step = step
-        run_eval(step)
-        if ckpt_dir is not None: checkpoint(step); last_ckpt_step = step
+            t.after_step(logged["loss"])
+        t.finish()
     except KeyboardInterrupt:
-        if ckpt_dir is not None:
-            checkpoint(step, gather=False, mine=at_step_start)
-            if is_main: warnings.warn(f"train: interrupted at step {step}; checkpoint written to {ckpt_path} (resume with resume=True)")
+        t.interrupted()
         raise
     finally:
         bar.close()
-        mechanism.eval()
-        if we_init and dist.is_initialized(): dist.destroy_process_group()
-    return TrainResult(history=history, state={k: v.detach().cpu().clone() for k, v in trainable_state_dict(mechanism).items()},
-                       steps=step, checkpoint=ckpt_path if ckpt_dir is not None else None, resumed_from=resumed_from)
+        t.close()
+    return t.result()
