@@ -4,60 +4,58 @@
 
 # %% ../nbs/10_sharelock.ipynb #e37bd06f
 from __future__ import annotations
-import math, json
-from pathlib import Path
-from typing import Sequence, Callable
+import math, re
+from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
+from .core import RunConfig, seed_everything
+from .models import LanguageModel, fingerprint, freeze
+from .losses import clip_loss
+from .train import train, tensor_batches, load_trainable_state_dict
 from .metrics import zero_shot_classifier, zero_shot_scores
 
 # %% auto #0
-__all__ = ['clip_loss', 'LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts', 'class_embeddings',
+__all__ = ['LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts', 'class_embeddings',
            'zero_shot_logits', 'caption_subject', 'fit_sharelock', 'random_weight_lm']
-
-# %% ../nbs/10_sharelock.ipynb #138b87a5
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    "Symmetric InfoNCE (CLIP) loss of paired rows `img[i]`, `txt[i]` (both [B,E]); `logit_scale` is the multiplier 1/tau."
-    if img.ndim != 2 or txt.ndim != 2:
-        raise ValueError(f"clip_loss: img and txt must be 2-D [B,E], got shapes {tuple(img.shape)} and {tuple(txt.shape)}")
-    if img.shape != txt.shape:
-        raise ValueError(f"clip_loss: img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape (row i of each is a pair)")
-    if img.shape[0] == 0: raise ValueError("clip_loss: empty batch")
-    logits = logit_scale * img @ txt.T
-    labels = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 # %% ../nbs/10_sharelock.ipynb #3573a6a7
 class LogitScale(nn.Module):
-    "CLIP's learnable logit scale s = exp(t), t initialised to log(1/0.07) and clamped to [0, log 100]; `learnable=False` fixes it (official ShareLock)."
+    "CLIP's logit scale s = exp(t), t from log(1/0.07), clamped to [0, log 100]; `learnable=False` fixes it (official)."
     def __init__(self, init: float = math.log(1 / 0.07), max_log: float = math.log(100.0), learnable: bool = True):
         super().__init__()
         self.max_log, self.learnable = float(max_log), learnable
         t = torch.tensor(float(init))
-        if learnable: self.log_scale = nn.Parameter(t)
-        else: self.register_buffer("log_scale", t)
+        if learnable:
+            self.log_scale = nn.Parameter(t)
+        else:
+            self.register_buffer("log_scale", t)
 
     def forward(self) -> torch.Tensor:
         if self.learnable:
-            with torch.no_grad(): self.log_scale.clamp_(0.0, self.max_log)   # CLIP: clamp the parameter itself
+            with torch.no_grad():
+                self.log_scale.clamp_(0.0, self.max_log)   # CLIP: clamp the parameter itself
         return self.log_scale.exp()
 
 # %% ../nbs/10_sharelock.ipynb #fb2ff076
 class ProjectionMLP(nn.Module):
-    "ShareLock's projector: (Linear-BatchNorm1d-ReLU-Dropout) x (num_layers-1), Linear, then L2 norm; num_layers=0 is the identity."
+    "ShareLock's projector: (Linear-BatchNorm1d-ReLU-Dropout) x (num_layers-1), Linear, L2 norm; 0 layers: identity."
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 4096, num_layers: int = 4,
                  dropout: float = 0.2, normalize: bool = True):
         super().__init__()
-        if num_layers < 0: raise ValueError(f"ProjectionMLP: num_layers must be >= 0, got {num_layers}")
+        if num_layers < 0:
+            raise ValueError(f"ProjectionMLP: num_layers must be >= 0, got {num_layers}")
         if num_layers == 0 and in_dim != out_dim:
-            raise ValueError(f"ProjectionMLP: num_layers=0 is the identity, so in_dim ({in_dim}) must equal out_dim ({out_dim})")
+            raise ValueError(f"ProjectionMLP: num_layers=0 is the identity, so in_dim ({in_dim}) must equal "
+                             f"out_dim ({out_dim})")
         self.in_dim, self.out_dim, self.num_layers, self.normalize = in_dim, out_dim, num_layers, normalize
         layers, d = [], in_dim
         for _ in range(num_layers - 1):
             layers += [nn.Linear(d, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Dropout(dropout)]
             d = hidden_dim
-        if num_layers > 0: layers.append(nn.Linear(d, out_dim))
+        if num_layers > 0:
+            layers.append(nn.Linear(d, out_dim))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,14 +64,17 @@ class ProjectionMLP(nn.Module):
         y = self.net(x)
         return F.normalize(y, dim=-1) if self.normalize else y
 
+# %% ../nbs/10_sharelock.ipynb #e093d9f0
 def projection_mlp_params(in_dim: int, out_dim: int, hidden_dim: int = 4096, num_layers: int = 4) -> int:
     "Closed-form parameter count of `ProjectionMLP(in_dim, out_dim, hidden_dim, num_layers)`."
-    if num_layers == 0: return 0
-    if num_layers == 1: return in_dim * out_dim + out_dim
+    if num_layers == 0:
+        return 0
+    if num_layers == 1:
+        return in_dim * out_dim + out_dim
     h = hidden_dim
     return (in_dim * h + h) + (num_layers - 2) * (h * h + h) + (num_layers - 1) * 2 * h + (h * out_dim + out_dim)
 
-# %% ../nbs/10_sharelock.ipynb #d980e24f
+# %% ../nbs/10_sharelock.ipynb #7b3102df
 class ShareLock(nn.Module):
     "Frozen-feature CLIP: an MLP maps LLM text features into the (normalised) vision space; trained with `clip_loss`."
     directions = ("text_to_vision", "vision_to_text")
@@ -93,143 +94,176 @@ class ShareLock(nn.Module):
         self.logit_scale = LogitScale(init_logit_scale, max_logit_scale, learn_temperature)
         self.__dict__["_backbones"] = {}   # plain attribute: frozen backbones never enter parameters()/state_dict()
 
-    def attach_backbones(self, vision_encoder: nn.Module | None = None, language_model: nn.Module | None = None,
-                         layer: int = -1, pooling: str = "last") -> "ShareLock":
-        "Attach frozen backbones (vla_lit.models interface) for batches of raw `pixel_values` / `texts`."
-        for m in (vision_encoder, language_model):
-            if m is not None:
-                m.eval()
-                for p in m.parameters(): p.requires_grad_(False)
-        self._backbones.update(vision=vision_encoder, text=language_model, layer=layer, pooling=pooling)
-        return self
+# %% ../nbs/10_sharelock.ipynb #12039bb6
+@patch
+def attach_backbones(self: ShareLock, vision_encoder: nn.Module | None = None,
+                     language_model: nn.Module | None = None, layer: int = -1, pooling: str = "last") -> ShareLock:
+    "Attach frozen backbones (vla_lit.models interface) for batches of raw `pixel_values` / `texts`."
+    for m in (vision_encoder, language_model):
+        if m is not None:
+            freeze(m)
+    self._backbones.update(vision=vision_encoder, text=language_model, layer=layer, pooling=pooling)
+    return self
 
-    def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        "The (vision, text) feature tensors of `batch`: cached ones, or computed by the attached frozen backbones."
-        bb = self._backbones
-        if self.vision_key in batch: v = batch[self.vision_key]
-        elif "pixel_values" in batch and bb.get("vision") is not None:
-            with torch.no_grad(): v = bb["vision"](batch["pixel_values"]).cls
-        else: raise KeyError(f"ShareLock: batch needs {self.vision_key!r} features (or 'pixel_values' with a vision backbone attached); got keys {sorted(batch)}")
-        if self.text_key in batch: t = batch[self.text_key]
-        elif "texts" in batch and bb.get("text") is not None:
-            with torch.no_grad(): t = bb["text"].hidden(list(batch["texts"]), layer=bb["layer"], pooling=bb["pooling"])
-        else: raise KeyError(f"ShareLock: batch needs {self.text_key!r} features (or 'texts' with a language model attached); got keys {sorted(batch)}")
-        p = self.logit_scale.log_scale
-        v, t = v.to(device=p.device, dtype=p.dtype), t.to(device=p.device, dtype=p.dtype)
-        for name, x in (("vision", v), ("text", t)):
-            if not torch.isfinite(x).all():
-                bad = torch.nonzero(~torch.isfinite(x).all(-1)).flatten().tolist()
-                raise ValueError(f"ShareLock: non-finite {name} features in batch rows {bad[:10]}")
-        return v, t
+# %% ../nbs/10_sharelock.ipynb #9ef2a7ec
+@patch
+def _raw_features(self: ShareLock, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    "The cached features of `batch`, or those of its raw inputs through the attached backbones (no grad)."
+    bb = self._backbones
+    if self.vision_key in batch:
+        v = batch[self.vision_key]
+    elif "pixel_values" in batch and bb.get("vision") is not None:
+        with torch.no_grad():
+            v = bb["vision"](batch["pixel_values"]).cls
+    else:
+        raise KeyError(f"ShareLock: batch needs {self.vision_key!r} features (or 'pixel_values' with a vision "
+                       f"backbone attached); got keys {sorted(batch)}")
+    if self.text_key in batch:
+        t = batch[self.text_key]
+    elif "texts" in batch and bb.get("text") is not None:
+        with torch.no_grad():
+            t = bb["text"].hidden(list(batch["texts"]), layer=bb["layer"], pooling=bb["pooling"])
+    else:
+        raise KeyError(f"ShareLock: batch needs {self.text_key!r} features (or 'texts' with a language model "
+                       f"attached); got keys {sorted(batch)}")
+    return v, t
 
-    def encode_image(self, vision_feats: torch.Tensor) -> torch.Tensor:
-        "Unit vectors in the shared space from vision features [B, D_v]."
-        return self.vision_proj(vision_feats)
-    def encode_text(self, text_feats: torch.Tensor) -> torch.Tensor:
-        "Unit vectors in the shared space from pooled LLM features [B, D_t]."
-        return self.text_proj(text_feats)
+# %% ../nbs/10_sharelock.ipynb #50225dba
+@patch
+def features(self: ShareLock, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    "The (vision, text) feature tensors of `batch` on the model's device and dtype; non-finite rows are an error."
+    v, t = self._raw_features(batch)
+    p = self.logit_scale.log_scale
+    v, t = v.to(device=p.device, dtype=p.dtype), t.to(device=p.device, dtype=p.dtype)
+    for name, x in (("vision", v), ("text", t)):
+        if not torch.isfinite(x).all():
+            bad = torch.nonzero(~torch.isfinite(x).all(-1)).flatten().tolist()
+            raise ValueError(f"ShareLock: non-finite {name} features in batch rows {bad[:10]}")
+    return v, t
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        "CLIP loss of one batch of pairs, plus the logit scale and the in-batch image->text accuracy."
-        v, t = self.features(batch)
-        if v.shape[0] != t.shape[0]: raise ValueError(f"ShareLock: {v.shape[0]} vision rows but {t.shape[0]} text rows")
-        if self.training and v.shape[0] < 2: raise ValueError("ShareLock: a training batch needs at least 2 pairs (BatchNorm, negatives)")
-        zi, zt = self.encode_image(v), self.encode_text(t)
-        s = self.logit_scale()
-        loss = clip_loss(zi, zt, s)
-        with torch.no_grad(): acc = ((zi @ zt.T).argmax(1) == torch.arange(len(zi), device=zi.device)).float().mean()
-        return {"loss": loss, "logit_scale": s.detach(), "batch_i2t_acc": acc}
+# %% ../nbs/10_sharelock.ipynb #dba77d16
+@patch
+def encode_image(self: ShareLock, vision_feats: torch.Tensor) -> torch.Tensor:
+    "Unit vectors in the shared space from vision features [B, D_v]."
+    return self.vision_proj(vision_feats)
 
-# %% ../nbs/10_sharelock.ipynb #454fac04
+# %% ../nbs/10_sharelock.ipynb #bd8dbec3
+@patch
+def encode_text(self: ShareLock, text_feats: torch.Tensor) -> torch.Tensor:
+    "Unit vectors in the shared space from pooled LLM features [B, D_t]."
+    return self.text_proj(text_feats)
+
+# %% ../nbs/10_sharelock.ipynb #340bd67b
+@patch
+def loss(self: ShareLock, batch: dict) -> dict[str, torch.Tensor]:
+    "CLIP loss of one batch of pairs, plus the logit scale and the in-batch image->text accuracy."
+    v, t = self.features(batch)
+    if v.shape[0] != t.shape[0]:
+        raise ValueError(f"ShareLock: {v.shape[0]} vision rows but {t.shape[0]} text rows")
+    if self.training and v.shape[0] < 2:
+        raise ValueError("ShareLock: a training batch needs at least 2 pairs (BatchNorm, negatives)")
+    zi, zt = self.encode_image(v), self.encode_text(t)
+    s = self.logit_scale()
+    loss = clip_loss(zi, zt, s)
+    with torch.no_grad():
+        acc = ((zi @ zt.T).argmax(1) == torch.arange(len(zi), device=zi.device)).float().mean()
+    return {"loss": loss, "logit_scale": s.detach(), "batch_i2t_acc": acc}
+
+# %% ../nbs/10_sharelock.ipynb #5e1a0d40
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
     "All prompts, class-major: prompt t of class c is at index c*len(templates)+t."
     for i, c in enumerate(classnames):
-        if not str(c).strip(): raise ValueError(f"class_prompts: class name {i} is empty")
+        if not str(c).strip():
+            raise ValueError(f"class_prompts: class name {i} is empty")
     if not templates or not all("{c}" in t for t in templates):
         raise ValueError("class_prompts: every template must contain '{c}'")
     return [t.replace("{c}", str(c)) for c in classnames for t in templates]
 
+# %% ../nbs/10_sharelock.ipynb #9151e5a3
 @torch.no_grad()
 def class_embeddings(model: ShareLock, prompt_feats: torch.Tensor) -> torch.Tensor:
     "Prompt-ensembled class vectors [C,E] from text features of all prompts [C,T,D_t] (mean of unit vectors, renormalised)."
-    if prompt_feats.ndim != 3: raise ValueError(f"class_embeddings: expected [C,T,D_t], got {tuple(prompt_feats.shape)}")
-    was = model.training; model.eval()
+    if prompt_feats.ndim != 3:
+        raise ValueError(f"class_embeddings: expected [C,T,D_t], got {tuple(prompt_feats.shape)}")
+    was = model.training
+    model.eval()
     p = model.logit_scale.log_scale
     C, T, _ = prompt_feats.shape
     z = model.encode_text(prompt_feats.flatten(0, 1).to(device=p.device, dtype=p.dtype)).view(C, T, -1)
     model.train(was)
     return zero_shot_classifier(z)
 
+# %% ../nbs/10_sharelock.ipynb #f6599275
 @torch.no_grad()
 def zero_shot_logits(model: ShareLock, vision_feats: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     "Cosine similarities [N,C] between images (vision features [N,D_v]) and class vectors [C,E]."
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     p = model.logit_scale.log_scale
     u = model.encode_image(vision_feats.to(device=p.device, dtype=p.dtype))
     model.train(was)
     return zero_shot_scores(u, class_emb)
 
-# %% ../nbs/10_sharelock.ipynb #09b8a2aa
-import re
+# %% ../nbs/10_sharelock.ipynb #be337768
 _LEADING = re.compile(r"^(?:a pair of|an|a|the|some)\s+", re.IGNORECASE)
+
+# %% ../nbs/10_sharelock.ipynb #9f600fa8
 def caption_subject(caption: str) -> str:
-    "The subject of a one-phrase caption, for prompt templates: 'A pair of blue jeans.' -> 'blue jeans' (article and final stop removed)."
+    "The subject of a one-phrase caption: 'A pair of blue jeans.' -> 'blue jeans' (article and final stop removed)."
     c = str(caption).strip()
-    if not c: raise ValueError("caption_subject: empty caption")
+    if not c:
+        raise ValueError("caption_subject: empty caption")
     c = c.rstrip(".").strip() or c
     return _LEADING.sub("", c, count=1).strip() or c
 
-# %% ../nbs/10_sharelock.ipynb #07195c2f
+# %% ../nbs/10_sharelock.ipynb #df625d22
+def _val_loss_eval(vision, text, user_eval=None):
+    "An `eval_fn` giving the CLIP loss of held-back pairs (and `user_eval`'s metrics)."
+    vv, vt = torch.as_tensor(vision), torch.as_tensor(text)
+    if len(vv) != len(vt) or len(vv) < 2:
+        raise ValueError(f"fit_sharelock: val needs >= 2 pairs of equal length, got {len(vv)} and {len(vt)}")
+    def eval_fn(m):
+        p = m.logit_scale.log_scale
+        zi, zt = m.encode_image(vv.to(p.device, p.dtype)), m.encode_text(vt.to(p.device, p.dtype))
+        return {"val_loss": float(clip_loss(zi, zt, m.logit_scale())), **(dict(user_eval(m)) if user_eval else {})}
+    return eval_fn
+
+# %% ../nbs/10_sharelock.ipynb #3b1008bd
 def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_to_vision", hidden_dim: int = 4096,
                   num_layers: int = 4, dropout: float = 0.2, learn_temperature: bool = True, weight_decay: float = 1e-4,
                   warmup: float | int = 0.03, clip_grad: float = 1.0, ckpt_dir=None, resume: bool = False,
                   eval_fn=None, eval_every=None, val=None, progress: bool = True, device=None):
-    "Train a `ShareLock` on paired feature rows (vision [N,D_v], text [N,D_t]: tensors or memmaps); returns (model, TrainResult). `val=(vision, text)`: early stopping on their CLIP loss."
-    from vla_lit.core import RunConfig, seed_everything
-    from vla_lit.train import train, tensor_batches
+    "Train a `ShareLock` on paired feature rows (tensors or memmaps); (model, TrainResult). `val=(vision, text)`: early stopping."
     cfg = cfg or RunConfig()
     if len(vision_feats) != len(text_feats):
-        raise ValueError(f"fit_sharelock: {len(vision_feats)} vision rows but {len(text_feats)} text rows (row i must be a pair)")
-    if len(vision_feats) < 2: raise ValueError("fit_sharelock: need at least 2 pairs")
+        raise ValueError(f"fit_sharelock: {len(vision_feats)} vision rows but {len(text_feats)} text rows "
+                         f"(row i must be a pair)")
+    if len(vision_feats) < 2:
+        raise ValueError("fit_sharelock: need at least 2 pairs")
     seed_everything(cfg.seed)
     model = ShareLock(vision_feats.shape[1], text_feats.shape[1], direction=direction, hidden_dim=hidden_dim,
                       num_layers=num_layers, dropout=dropout, learn_temperature=learn_temperature)
     data = tensor_batches(vision=vision_feats, text=text_feats, batch_size=min(cfg.batch_size, len(vision_feats)),
                           generator=cfg.seed)
-    best = {"val_loss": math.inf, "state": None}
+    best = {}
     if val is not None:
-        vv, vt = (torch.as_tensor(x) for x in val)
-        if len(vv) != len(vt) or len(vv) < 2: raise ValueError(f"fit_sharelock: val needs >= 2 pairs of equal length, got {len(vv)} and {len(vt)}")
-        user_eval = eval_fn
+        eval_fn = _val_loss_eval(*val, user_eval=eval_fn)
         eval_every = eval_every or max(1, cfg.steps // 30)
-        best_path = Path(ckpt_dir) / "best_val.pt" if ckpt_dir is not None else None
-        if resume and best_path is not None and best_path.exists() and (best_path.parent / "last.pt").exists():           # the best model seen before the interruption
-            best.update(torch.load(best_path, map_location="cpu", weights_only=True))
-        def eval_fn(m):
-            p = m.logit_scale.log_scale
-            l = float(clip_loss(m.encode_image(vv.to(p.device, p.dtype)), m.encode_text(vt.to(p.device, p.dtype)), m.logit_scale()))
-            if l < best["val_loss"]:
-                best.update(val_loss=l, state={k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
-                if best_path is not None:
-                    best_path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({"val_loss": l, "state": best["state"]}, best_path.with_suffix(".tmp")); best_path.with_suffix(".tmp").replace(best_path)
-            return {"val_loss": l, **(dict(user_eval(m)) if user_eval else {})}
+        best = {"keep_best": "val_loss", "best_mode": "min"}
     res = train(model, data, cfg, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad, ckpt_dir=ckpt_dir,
-                resume=resume, eval_fn=eval_fn, eval_every=eval_every, progress=progress, device=device)
-    if best["state"] is not None: model.load_state_dict(best["state"])
-    # the step of the best validation loss, read from the trainer's history (whose rows carry the trainer's step, also after a resume)
-    at = [h["step"] for h in res.history if h.get("val_loss") == best["val_loss"]]
-    res.best_step, res.best_val_loss = (at[0] if at else None), best["val_loss"]
+                resume=resume, eval_fn=eval_fn, eval_every=eval_every, progress=progress, device=device, **best)
+    if res.best_state is not None:
+        load_trainable_state_dict(model, res.best_state)
     return model.eval(), res
 
 # %% ../nbs/10_sharelock.ipynb #007adc53
 def random_weight_lm(lm, seed: int = 0):
     "A `LanguageModel` with `lm`'s tokenizer and architecture but freshly initialised RANDOM weights (the probing floor)."
-    from vla_lit.models import LanguageModel, fingerprint
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = type(lm.model)(lm.model.config)
     p = next(lm.model.parameters())
     model = model.to(device=p.device, dtype=p.dtype)
     name = f"random-weights-{lm.name}-seed{seed}"
-    return LanguageModel(model, lm.tokenizer, name, fingerprint(name, state_dict=model.state_dict()), is_decoder=lm.is_decoder)
+    fp = fingerprint(name, state_dict=model.state_dict())
+    return LanguageModel(model, lm.tokenizer, name, fp, is_decoder=lm.is_decoder)
