@@ -8,81 +8,118 @@ import re, shutil
 from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 # %% auto #0
 __all__ = ['CAPTION_METRICS', 'topk_accuracy', 'zero_shot_classifier', 'zero_shot_scores', 'recall_at_k_from_scores',
            'recall_at_k', 'simple_tokenize', 'captioning_scores']
 
-# %% ../nbs/06_metrics.ipynb #a0bb78cd
+# %% ../nbs/06_metrics.ipynb #ebd37171
 def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
-    if not torch.is_tensor(scores): scores = torch.as_tensor(scores)
-    if scores.ndim != 2: raise ValueError(f"{name}: expected a 2-D score matrix, got shape {tuple(scores.shape)}")
+    "A 2-D, finite score matrix, or a clear error naming the first bad entry."
+    if not torch.is_tensor(scores):
+        scores = torch.as_tensor(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D score matrix, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
         raise ValueError(f"{name}: scores contain NaN/inf (first at row {bad[0]}, column {bad[1]})")
     return scores
 
+# %% ../nbs/06_metrics.ipynb #be3bb29b
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    "Fraction of rows of `scores` [N, C] whose label is among the k highest scores, per k (ties count against): {'top1': .., 'top5': ..}."
+    "Fraction of rows of `scores` [N, C] whose label is among the k highest scores, per k (ties count against)."
     scores = _check_scores(scores, "topk_accuracy")
     labels = torch.as_tensor(labels, device=scores.device).long()
     N, C = scores.shape
-    if labels.shape != (N,): raise ValueError(f"topk_accuracy: labels must have shape ({N},), got {tuple(labels.shape)}")
-    if N == 0: raise ValueError("topk_accuracy: no rows to score")
-    if labels.min() < 0 or labels.max() >= C: raise ValueError(f"topk_accuracy: labels must be in [0, {C}), got range [{labels.min()}, {labels.max()}]")
+    if labels.shape != (N,):
+        raise ValueError(f"topk_accuracy: labels must have shape ({N},), got {tuple(labels.shape)}")
+    if N == 0:
+        raise ValueError("topk_accuracy: no rows to score")
+    if labels.min() < 0 or labels.max() >= C:
+        raise ValueError(f"topk_accuracy: labels must be in [0, {C}), got range [{labels.min()}, {labels.max()}]")
     own = scores.gather(1, labels[:, None])
     rank = (scores >= own).sum(1) - 1                 # classes other than the label scoring at least as high
     return {f"top{k}": (rank < min(k, C)).double().mean().item() for k in ks}
 
-# %% ../nbs/06_metrics.ipynb #44a3382b
+# %% ../nbs/06_metrics.ipynb #958dc483
+def _check_class_templates(c: int, t: torch.Tensor):
+    "One class's template embeddings [T, D]: at least one, finite, none all-zero."
+    if t.ndim != 2 or len(t) == 0:
+        raise ValueError(f"zero_shot_classifier: class {c} needs a [T, D] tensor with T >= 1, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"zero_shot_classifier: class {c} has NaN/inf embeddings")
+    norms = t.float().norm(dim=-1)
+    if (norms == 0).any():
+        raise ValueError(f"zero_shot_classifier: class {c} has an all-zero template embedding "
+                         f"(template {int((norms == 0).nonzero()[0])})")
+
+# %% ../nbs/06_metrics.ipynb #5efc861b
 def zero_shot_classifier(class_text_embeddings: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    "Class weights [C, D] from template embeddings [C, T, D] (or a list of [T_c, D]): normalise, average over templates, renormalise."
+    "Class weights [C, D] from template embeddings [C, T, D] (or a list of [T_c, D]): normalise, average, renormalise."
     if torch.is_tensor(class_text_embeddings):
         e = class_text_embeddings
-        if e.ndim != 3: raise ValueError(f"zero_shot_classifier: expected [C, T, D], got shape {tuple(e.shape)}")
+        if e.ndim != 3:
+            raise ValueError(f"zero_shot_classifier: expected [C, T, D], got shape {tuple(e.shape)}")
         groups = list(e)
-    else: groups = [torch.as_tensor(t) for t in class_text_embeddings]
-    if not groups: raise ValueError("zero_shot_classifier: no classes")
+    else:
+        groups = [torch.as_tensor(t) for t in class_text_embeddings]
+    if not groups:
+        raise ValueError("zero_shot_classifier: no classes")
     out = []
     for c, t in enumerate(groups):
-        if t.ndim != 2 or len(t) == 0: raise ValueError(f"zero_shot_classifier: class {c} needs a [T, D] tensor with T >= 1, got shape {tuple(t.shape)}")
-        if not torch.isfinite(t).all(): raise ValueError(f"zero_shot_classifier: class {c} has NaN/inf embeddings")
-        norms = t.float().norm(dim=-1)
-        if (norms == 0).any(): raise ValueError(f"zero_shot_classifier: class {c} has an all-zero template embedding (template {int((norms == 0).nonzero()[0])})")
+        _check_class_templates(c, t)
         out.append(F.normalize(F.normalize(t.float(), dim=-1).mean(0), dim=-1))
     return torch.stack(out)
 
+# %% ../nbs/06_metrics.ipynb #bddb05eb
 def zero_shot_scores(image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     "Cosine similarity [N, C] of image embeddings [N, D] with the class weights [C, D] of `zero_shot_classifier`."
     if image_embeddings.ndim != 2 or image_embeddings.shape[1] != classifier.shape[1]:
-        raise ValueError(f"zero_shot_scores: image embeddings {tuple(image_embeddings.shape)} do not match classifier {tuple(classifier.shape)}")
+        raise ValueError(f"zero_shot_scores: image embeddings {tuple(image_embeddings.shape)} do not match "
+                         f"classifier {tuple(classifier.shape)}")
     return F.normalize(image_embeddings.float(), dim=-1) @ classifier.float().T
 
-# %% ../nbs/06_metrics.ipynb #c522b9a9
+# %% ../nbs/06_metrics.ipynb #186b4ffc
 def _ranks_i2t(S: torch.Tensor, text_to_image: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    "Rank of each query image's best own caption among all captions (0 = first)."
     pos = text_to_image[None, :] == rows[:, None]                                  # [b, M]
     best = S.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
     return ((S >= best) & ~pos).sum(1)
 
+# %% ../nbs/06_metrics.ipynb #3d981269
 def _ranks_t2i(S_t: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     "S_t: [b, N] scores of b captions against all images; own: [b] index of each caption's image."
     own_score = S_t.gather(1, own[:, None])
     return (S_t >= own_score).sum(1) - 1
 
+# %% ../nbs/06_metrics.ipynb #fbe95c68
 def _recall_dict(r_i2t, r_t2i, ks):
+    "Recall@K both ways from ranks, and their sum in percent (rsum)."
     out = {f"i2t_R@{k}": (r_i2t < k).double().mean().item() for k in ks}
     out |= {f"t2i_R@{k}": (r_t2i < k).double().mean().item() for k in ks}
     out["rsum"] = 100 * sum(out.values())
     return out
 
+# %% ../nbs/06_metrics.ipynb #4210a698
 def _check_t2i(text_to_image, N, M, name):
+    "One image index in [0, N) per caption."
     t2i = torch.as_tensor(text_to_image).long()
-    if t2i.shape != (M,): raise ValueError(f"{name}: text_to_image must have one image index per caption, shape ({M},), got {tuple(t2i.shape)}")
-    if M == 0: raise ValueError(f"{name}: no captions")
-    if t2i.min() < 0 or t2i.max() >= N: raise ValueError(f"{name}: text_to_image must index images in [0, {N}), got range [{t2i.min()}, {t2i.max()}]")
+    if t2i.shape != (M,):
+        raise ValueError(f"{name}: text_to_image must have one image index per caption, shape ({M},), "
+                         f"got {tuple(t2i.shape)}")
+    if M == 0:
+        raise ValueError(f"{name}: no captions")
+    if t2i.min() < 0 or t2i.max() >= N:
+        raise ValueError(f"{name}: text_to_image must index images in [0, {N}), got range [{t2i.min()}, {t2i.max()}]")
     return t2i
 
-def recall_at_k_from_scores(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+# %% ../nbs/06_metrics.ipynb #e8ac2315
+def recall_at_k_from_scores(scores: torch.Tensor, text_to_image: torch.Tensor,
+                            ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     "Recall@K both ways from image-text similarities [N images, M captions]; `text_to_image[j]` = image of caption j."
     scores = _check_scores(scores, "recall_at_k")
     N, M = scores.shape
@@ -90,72 +127,91 @@ def recall_at_k_from_scores(scores: torch.Tensor, text_to_image: torch.Tensor, k
     queries = torch.unique(t2i)                                                  # images with >= 1 caption
     return _recall_dict(_ranks_i2t(scores[queries], t2i, queries), _ranks_t2i(scores.T, t2i), ks)
 
-def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-                normalize: bool = True, chunk_size: int = 1024) -> dict[str, float]:
-    "Recall@K image->text (any caption counts) and text->image for embeddings [N, D], [M, D]; cosine if `normalize` else dot product."
+# %% ../nbs/06_metrics.ipynb #e8a64f11
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
+                ks: Sequence[int] = (1, 5, 10), normalize: bool = True, chunk_size: int = 1024) -> dict[str, float]:
+    "Recall@K image->text (any caption counts) and text->image for embeddings [N, D], [M, D]; cosine if `normalize`."
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"recall_at_k: need image [N, D] and text [M, D] embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        raise ValueError(f"recall_at_k: need image [N, D] and text [M, D] embeddings, "
+                         f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     for name, e in (("image", image_emb), ("text", text_emb)):
-        if not torch.isfinite(e).all(): raise ValueError(f"recall_at_k: {name} embeddings contain NaN/inf (first at row {int((~torch.isfinite(e)).any(1).nonzero()[0])})")
+        if not torch.isfinite(e).all():
+            first = int((~torch.isfinite(e)).any(1).nonzero()[0])
+            raise ValueError(f"recall_at_k: {name} embeddings contain NaN/inf (first at row {first})")
     img, txt = image_emb.float(), text_emb.float().to(image_emb.device)
-    if normalize: img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    if normalize:
+        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     N, M = len(img), len(txt)
     t2i = _check_t2i(text_to_image, N, M, "recall_at_k").to(img.device)
     queries = torch.unique(t2i)
     r_i2t = torch.cat([_ranks_i2t(img[q] @ txt.T, t2i, q) for q in queries.split(chunk_size)])
-    r_t2i = torch.cat([_ranks_t2i(txt[j] @ img.T, t2i[j]) for j in torch.arange(M, device=img.device).split(chunk_size)])
+    caption_chunks = torch.arange(M, device=img.device).split(chunk_size)
+    r_t2i = torch.cat([_ranks_t2i(txt[j] @ img.T, t2i[j]) for j in caption_chunks])
     return _recall_dict(r_i2t, r_t2i, ks)
 
-# %% ../nbs/06_metrics.ipynb #a00da212
+# %% ../nbs/06_metrics.ipynb #b6b18fc5
 _PUNCT = re.compile(r"(?!(?<=\w)-(?=\w))[^\w\s']|_")     # punctuation, except a hyphen inside a word
 _CLITIC = re.compile(r"(\w)('s|'re|'ve|'ll|'d|'m|n't)\b")
 
+# %% ../nbs/06_metrics.ipynb #02c1d011
 def simple_tokenize(caption: str) -> str:
-    "Lower-case, split PTB clitics ('s, n't, ...), drop punctuation (keeping in-word hyphens); tokens joined by single spaces."
+    "Lower-case, split PTB clitics ('s, n't, ...), drop punctuation (keeping in-word hyphens); single spaces."
     t = caption.lower().replace("\n", " ")
     t = _CLITIC.sub(r"\1 \2", t)
     t = _PUNCT.sub(" ", t)
     t = re.sub(r"(?<!\w)'(?!(s|re|ve|ll|d|m|t)\b)|'(?=\s|$)(?<!n't)", " ", t)   # stray quotes
     return " ".join(t.split())
 
+# %% ../nbs/06_metrics.ipynb #3ca185ab
 def _tokenize_all(captions: dict, tokenizer: str) -> dict:
-    if tokenizer == "simple": return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
+    "Tokenised captions {id: [str]}: the simple tokeniser above, or the PTB tokeniser (needs java)."
+    if tokenizer == "simple":
+        return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
     if tokenizer == "ptb":
-        if shutil.which("java") is None: raise RuntimeError("captioning_scores: tokenizer='ptb' needs `java` on the PATH; use tokenizer='simple'")
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        if shutil.which("java") is None:
+            raise RuntimeError("captioning_scores: tokenizer='ptb' needs `java` on the PATH; use tokenizer='simple'")
         return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
     raise ValueError(f"captioning_scores: tokenizer must be 'simple' or 'ptb', got {tokenizer!r}")
 
+# %% ../nbs/06_metrics.ipynb #6a9ececf
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")
 
-def captioning_scores(predictions: Mapping, references: Mapping, metrics: Sequence[str] = ("CIDEr", "BLEU-4"),
-                      tokenizer: str = "simple") -> dict[str, float]:
-    "Corpus captioning scores of `predictions` {id: caption} against `references` {id: [captions]} with pycocoevalcap (CIDEr = CIDEr-D)."
+# %% ../nbs/06_metrics.ipynb #b00e4b30
+def _check_captions(predictions: Mapping, references: Mapping, metrics: Sequence[str]):
+    "Known metrics, one string per prediction, non-empty references for each, >= 2 images for CIDEr."
     unknown = [m for m in metrics if m not in CAPTION_METRICS]
-    if unknown: raise ValueError(f"captioning_scores: unknown metrics {unknown}; known: {CAPTION_METRICS}")
-    if not predictions: raise ValueError("captioning_scores: no predictions")
+    if unknown:
+        raise ValueError(f"captioning_scores: unknown metrics {unknown}; known: {CAPTION_METRICS}")
+    if not predictions:
+        raise ValueError("captioning_scores: no predictions")
     missing = [k for k in predictions if k not in references]
-    if missing: raise KeyError(f"captioning_scores: predictions without references: {missing[:10]}")
+    if missing:
+        raise KeyError(f"captioning_scores: predictions without references: {missing[:10]}")
     for k, p in predictions.items():
-        if not isinstance(p, str): raise TypeError(f"captioning_scores: prediction for {k!r} must be a string, got {type(p).__name__}")
-    for k in predictions:
+        if not isinstance(p, str):
+            raise TypeError(f"captioning_scores: prediction for {k!r} must be a string, got {type(p).__name__}")
         refs = references[k]
         if isinstance(refs, str) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
-            raise ValueError(f"captioning_scores: references of {k!r} must be a non-empty list of non-empty strings, got {refs!r}")
+            raise ValueError(f"captioning_scores: references of {k!r} must be a non-empty list of non-empty "
+                             f"strings, got {refs!r}")
     if "CIDEr" in metrics and len(predictions) < 2:
-        raise ValueError("captioning_scores: CIDEr needs at least 2 images (its IDF weights come from the evaluated set's references)")
+        raise ValueError("captioning_scores: CIDEr needs at least 2 images (its IDF weights come from the "
+                         "evaluated set's references)")
+
+# %% ../nbs/06_metrics.ipynb #8ce75a8f
+def captioning_scores(predictions: Mapping, references: Mapping, metrics: Sequence[str] = ("CIDEr", "BLEU-4"),
+                      tokenizer: str = "simple") -> dict[str, float]:
+    "Corpus scores of `predictions` {id: caption} against `references` {id: [captions]} (pycocoevalcap; CIDEr = CIDEr-D)."
+    _check_captions(predictions, references, metrics)
     ids = list(predictions)
     res = _tokenize_all({k: [predictions[k]] for k in ids}, tokenizer)
     gts = _tokenize_all({k: list(references[k]) for k in ids}, tokenizer)
     out = {}
     if any(m.startswith("BLEU") for m in metrics):
-        from pycocoevalcap.bleu.bleu import Bleu
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         out |= {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5) if f"BLEU-{n}" in metrics}
     if "ROUGE-L" in metrics:
-        from pycocoevalcap.rouge.rouge import Rouge
         out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     if "CIDEr" in metrics:
-        from pycocoevalcap.cider.cider import Cider
         out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return {m: out[m] for m in metrics}
