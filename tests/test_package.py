@@ -66,3 +66,22 @@ def test_settings_register_test_flags():
     from configparser import ConfigParser
     cfg = ConfigParser(delimiters=["="]); cfg.read(ROOT/"settings.ini")
     assert cfg["DEFAULT"]["tst_flags"].split() == ["notest", "slow", "gpu"]
+
+
+RUFF = NBDEV_BIN / "ruff"
+LINT = ["--select", "F", "--ignore", "F401,F811"]
+
+
+def test_lint_catches_an_undefined_name(tmp_path):
+    "The lint step of `make test` (ruff's pyflakes rules) flags a name a module uses but never imports or defines."
+    bad = tmp_path / "vilex_like.py"
+    bad.write_text("from pathlib import Path\n\ndef tiny_random_sd():\n    return embedded_path('x') / Path('y')\n")
+    out = subprocess.run([str(RUFF), "check", *LINT, str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0 and "F821" in out.stdout and "embedded_path" in out.stdout, out.stdout
+
+
+def test_package_passes_lint():
+    "No undefined name (or other pyflakes error) anywhere in the exported package."
+    out = subprocess.run([str(RUFF), "check", *LINT, "--exclude", "vla_lit/_modidx.py", str(ROOT / "vla_lit")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
