@@ -1,15 +1,17 @@
-"""The sweep runner (vla_lit.sweep, nbs/50_sweep.ipynb) end to end: papermill runs in subprocesses,
-failures and resumption, the collected table, torchrun with gloo, the CLI, and a smoke run of every
-shipped sweep file (so sweeps added later are covered)."""
+"""The sweep runner (vla_lit.sweep, nbs/50_sweep.ipynb), the results (vla_lit.results, nbs/51_results.ipynb)
+and the command line (vla_lit.cli, nbs/52_cli.ipynb) end to end: papermill runs in subprocesses, failures
+and resumption, the collected table, torchrun with gloo, the CLI, and a smoke run of every shipped sweep
+file (so sweeps added later are covered)."""
 import json, math, os, subprocess, sys, time
 from pathlib import Path
 import nbformat, pytest, yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from vla_lit.sweep import (SweepError, check_parameters, collect, expand_runs, load_runs, load_sweep,
-                           notebook_parameters, run_sweep, summarize)
+from vla_lit.sweep import SweepError, check_parameters, expand_runs, load_sweep, notebook_parameters, run_sweep
+from vla_lit.results import collect, load_runs, summarize, write_summary_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+CLI = [sys.executable, "-m", "vla_lit.cli"]       # the `vla_lit` command, whatever the installed entry point
 SWEEPS = sorted((ROOT/"sweeps").glob("*.yaml"))
 KERNEL = {"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}}
 
@@ -171,19 +173,26 @@ def test_cli(tmp_path):
     "`vla_lit sweep` exits 1 when a run failed (after running the others), `vla_lit collect` prints the table."
     grid_nb(tmp_path/"exp.ipynb", broken=True)
     (tmp_path/"s.yaml").write_text(yaml.safe_dump({"name": "cli", "notebook": "exp.ipynb", "base": {"a": 2}, "grid": {"b": [1, 2]}}))
-    r = subprocess.run([str(BIN/"vla_lit"), "sweep", str(tmp_path/"s.yaml"), "--out", str(tmp_path/"runs"), "--jobs", "2"],
+    r = subprocess.run([*CLI, "sweep", str(tmp_path/"s.yaml"), "--out", str(tmp_path/"runs"), "--jobs", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILED b=2" in r.stderr and "results.md" in r.stdout
-    r = subprocess.run([str(BIN/"vla_lit"), "collect", str(tmp_path/"runs"/"cli")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([*CLI, "collect", str(tmp_path/"runs"/"cli")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "| 21 |" in " ".join(r.stdout.split()), r.stdout + r.stderr
-    r = subprocess.run([str(BIN/"vla_lit"), "sweep", str(tmp_path/"missing.yaml")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*CLI, "sweep", str(tmp_path/"missing.yaml")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_console_script(tmp_path):
+    "The installed `vla_lit` executable is the command of vla_lit.cli (settings.ini: console_scripts)."
+    sd = tmp_path/"s"
+    _fake_run(sd, "run", {}, {"acc": 0.5})
+    r = subprocess.run([str(BIN/"vla_lit"), "collect", str(sd)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "| 1 | 0.5 |" in " ".join(r.stdout.split()), r.stdout + r.stderr
 
 
 def test_summary_notebook(tmp_path):
     "nbs/experiments/summary.ipynb shows a collected sweep (papermill, parameter sweep_dir)."
-    from vla_lit.sweep import write_summary_notebook
     sd = tmp_path/"s"
     for s in (0, 1): _fake_run(sd, f"k=1__seed={s}", {"k": 1, "seed": s}, {"acc": 0.5 + s})
     for s in (0, 1): _fake_run(sd, f"k=2__seed={s}", {"k": 2, "seed": s}, {"acc": 1.5 + s})
@@ -227,7 +236,7 @@ def test_ctrl_c_interrupts_and_resumes(tmp_path):
         "if wait: time.sleep(300)",
         "Path(out_dir, 'metrics.json').write_text(json.dumps({'x': 1.0}))", params="wait = True\nout_dir = '.'")
     (tmp_path/"s.yaml").write_text(yaml.safe_dump({"name": "i", "notebook": "slow.ipynb"}))
-    cmd = [str(BIN/"vla_lit"), "sweep", str(tmp_path/"s.yaml"), "--out", str(tmp_path/"runs")]
+    cmd = [*CLI, "sweep", str(tmp_path/"s.yaml"), "--out", str(tmp_path/"runs")]
     # a shell that runs the tests in the background (`cmd &`, CI runners, nohup) starts them with SIGINT
     # ignored, and an ignored SIGINT is inherited: give the sweep the terminal's default, as Ctrl-C would find it
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
