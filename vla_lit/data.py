@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .core import cache_dir, embedded_path
@@ -20,8 +20,8 @@ __all__ = ['IMAGE_EXTS', 'SVG_RASTER_CACHE', 'TUXPAINT_CATEGORIES', 'TUXPAINT_CL
            'TUXPAINT_HELDOUT', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_TEMPLATES', 'CIFAR10_CLASSES',
            'CIFAR100_CLASSES', 'BadInputError', 'Record', 'load_rgba', 'load_image', 'load_mask', 'RecordSet',
            'read_coco', 'read_karpathy', 'read_imagefolder', 'read_csv', 'read_webdataset', 'tuxpaint_root',
-           'random_split', 'concept_words', 'concept_split', 'tuxpaint', 'fashion_mnist', 'prompt_templates',
-           'imagenet_classnames', 'imagenet_photos', 'cifar_samples']
+           'random_split', 'concept_words', 'concept_split', 'tuxpaint', 'fashion_mnist', 'inverted_images',
+           'prompt_templates', 'imagenet_classnames', 'imagenet_photos', 'cifar_samples']
 
 # %% ../nbs/02_data.ipynb #e3f7bd33
 class BadInputError(ValueError):
@@ -640,6 +640,19 @@ def fashion_mnist(split: str = "train", limit: int | None = None) -> RecordSet:
     recs = [Record(f"fashion_mnist/{split}/{i}", f"{images}::{i}", [names[i]], int(labels[i]), names[i])
             for i in range(n)]
     return RecordSet(recs, f"fashion_mnist-{split}", FASHION_MNIST_CLASSES, FASHION_MNIST_TEMPLATES)
+
+# %% ../nbs/02_data.ipynb #37fe3915
+def inverted_images(rs: RecordSet, root: str | Path | None = None) -> RecordSet:
+    "The records of `rs` with their images inverted (255 - x), written once as PNGs under `root` (default: the cache)."
+    d = Path(root) if root is not None else cache_dir("inverted", re.sub(r"[^\w.-]", "_", rs.name))
+    d.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for r in rs:
+        p = d / (r.id.replace("/", "_") + ".png")
+        if not p.exists():
+            ImageOps.invert(load_image(r)).save(p)
+        recs.append(Record(r.id + "-inverted", str(p), r.captions, r.label, r.group))
+    return rs.subset(recs, rs.name + "-inverted")
 
 # %% ../nbs/02_data.ipynb #d25da611
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
