@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import Sequence
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['LEXICAL_PROMPT', 'lexical_activation', 'pool_lexical', 'topk_mask', 'topk_sparsify', 'SparseLex', 'to_sparse',
-           'sparse_index', 'sparse_scores', 'dense_scores', 'word_vocabulary', 'init_codebook', 'VisionLexAdapter',
+           'sparse_index', 'dense_scores', 'sparse_scores', 'word_vocabulary', 'init_codebook', 'VisionLexAdapter',
            'lexical_prompt', 'text_lexical_logits', 'text_lexical_weights', 'calibrate_log_threshold', 'top_words']
 
 # %% ../nbs/30_lexical.ipynb #1f481804
@@ -24,9 +23,11 @@ def lexical_activation(logits: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/30_lexical.ipynb #5fa0e8f9
 def pool_lexical(weights: torch.Tensor, mask: torch.Tensor | None = None, how: str = "max") -> torch.Tensor:
     "Pool `weights` [B, N, V] over N (patches / positions) into [B, V]; `mask` [B, N] marks valid positions."
-    if weights.dim() != 3: raise ValueError(f"pool_lexical: weights must be [B, N, V], got shape {tuple(weights.shape)}")
+    if weights.dim() != 3:
+        raise ValueError(f"pool_lexical: weights must be [B, N, V], got shape {tuple(weights.shape)}")
     if mask is not None:
-        if mask.shape != weights.shape[:2]: raise ValueError(f"pool_lexical: mask shape {tuple(mask.shape)} != {tuple(weights.shape[:2])}")
+        if mask.shape != weights.shape[:2]:
+            raise ValueError(f"pool_lexical: mask shape {tuple(mask.shape)} != {tuple(weights.shape[:2])}")
         weights = weights * mask.unsqueeze(-1).to(weights.dtype)
     if how == "max": return weights.max(dim=1).values
     if how == "sum": return weights.sum(dim=1)
@@ -44,6 +45,7 @@ def topk_mask(weights: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, idx, True)
     return mask & (weights > 0)
 
+# %% ../nbs/30_lexical.ipynb #f9bbebb9
 def topk_sparsify(weights: torch.Tensor, k: int, straight_through: bool = False) -> torch.Tensor:
     "Keep each row's `k` largest positive weights, zero the rest (optionally straight-through gradient)."
     kept = weights * topk_mask(weights.detach(), k)
@@ -52,14 +54,15 @@ def topk_sparsify(weights: torch.Tensor, k: int, straight_through: bool = False)
 # %% ../nbs/30_lexical.ipynb #2afdc449
 @dataclass
 class SparseLex:
-    "Top-k lexical vectors: `indices` [B, k] (long), `values` [B, k] (>= 0, 0 = padding), over `vocab_size` words."
+    "Top-k lexical vectors: `indices` [B, k] long, `values` [B, k] (>= 0; 0 = padding), `vocab_size` words."
     indices: torch.Tensor
     values: torch.Tensor
     vocab_size: int
 
     def __post_init__(self):
         if self.indices.shape != self.values.shape or self.indices.dim() != 2:
-            raise ValueError(f"SparseLex: indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} must both be [B, k]")
+            raise ValueError(f"SparseLex: indices {tuple(self.indices.shape)} and values "
+                             f"{tuple(self.values.shape)} must both be [B, k]")
     def __len__(self): return self.indices.shape[0]
     def to_dense(self) -> torch.Tensor:
         "The [B, V] dense vectors."
@@ -70,27 +73,37 @@ class SparseLex:
         B, k = self.indices.shape
         keep = self.values.reshape(-1) != 0
         rows = torch.arange(B, device=self.indices.device).repeat_interleave(k)[keep]
+        coords = torch.stack([rows, self.indices.reshape(-1)[keep]])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            coo = torch.sparse_coo_tensor(torch.stack([rows, self.indices.reshape(-1)[keep]]), self.values.reshape(-1)[keep],
-                                          (B, self.vocab_size)).coalesce()
+            vals = self.values.reshape(-1)[keep]
+            coo = torch.sparse_coo_tensor(coords, vals, (B, self.vocab_size)).coalesce()
             return coo.to_sparse_csr()
 
+# %% ../nbs/30_lexical.ipynb #6e0a5405
 def to_sparse(weights: torch.Tensor, k: int) -> SparseLex:
-    "Top-k of dense non-negative `weights` [B, V] as a `SparseLex` (entries that are not positive get value 0)."
+    "Top-k of dense non-negative `weights` [B, V] as a `SparseLex` (entries not positive get value 0)."
     if weights.dim() != 2: raise ValueError(f"to_sparse: weights must be [B, V], got {tuple(weights.shape)}")
-    if (weights < 0).any(): raise ValueError("to_sparse: lexical weights must be non-negative (apply lexical_activation first)")
+    if (weights < 0).any():
+        raise ValueError("to_sparse: lexical weights must be non-negative (apply lexical_activation first)")
     vals, idx = weights.detach().topk(min(k, weights.shape[1]), dim=-1)
     return SparseLex(idx, vals.clamp_min(0), weights.shape[1])
 
+# %% ../nbs/30_lexical.ipynb #75cfaa6a
 def sparse_index(d: SparseLex) -> torch.Tensor:
     "The inverted index of documents `d`: a [V, len(d)] CSR matrix (row v lists the documents using word v)."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return d.to_csr().to_sparse_coo().t().coalesce().to_sparse_csr()
 
+# %% ../nbs/30_lexical.ipynb #d1e8c40b
+def dense_scores(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    "The dense reference: [Bq, V] x [Bd, V] -> [Bq, Bd]."
+    return q @ d.T
+
+# %% ../nbs/30_lexical.ipynb #25707e6f
 def sparse_scores(q: SparseLex, d: SparseLex | torch.Tensor) -> torch.Tensor:
-    "All-pairs sparse dot products [len(q), len(d)] = Q D^T as a sparse x sparse product (`d`: vectors or a `sparse_index`)."
+    "All-pairs sparse dot products [len(q), len(d)] = Q D^T (`d`: vectors or a prebuilt `sparse_index`)."
     V = d.vocab_size if isinstance(d, SparseLex) else d.shape[0]
     if q.vocab_size != V: raise ValueError(f"sparse_scores: vocab sizes differ ({q.vocab_size} vs {V})")
     dt = sparse_index(d) if isinstance(d, SparseLex) else d
@@ -98,35 +111,35 @@ def sparse_scores(q: SparseLex, d: SparseLex | torch.Tensor) -> torch.Tensor:
         warnings.simplefilter("ignore")
         return (q.to_csr() @ dt).to_dense()
 
-def dense_scores(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    "The dense reference: [Bq, V] x [Bd, V] -> [Bq, Bd]."
-    return q @ d.T
-
 # %% ../nbs/30_lexical.ipynb #930aadb7
-_WORD = re.compile(r"^ [A-Za-z]{%d,}$")
-
-def word_vocabulary(tokenizer, min_len: int = 3, max_size: int | None = None, vocab_size: int | None = None) -> torch.Tensor:
+def word_vocabulary(tokenizer, min_len: int = 3, max_size: int | None = None,
+                    vocab_size: int | None = None) -> torch.Tensor:
     "Ids of tokens that decode to ' word' (letters only, >= `min_len`), in id order, at most `max_size`."
     n = vocab_size or len(tokenizer)
     pat = re.compile(r"^ [A-Za-z]{%d,}$" % min_len)
     ids = [i for i in range(n) if pat.match(tokenizer.decode([i]))]
-    if not ids: raise ValueError("word_vocabulary: the tokenizer has no whole-word tokens of the form ' word'")
+    if not ids:
+        raise ValueError("word_vocabulary: the tokenizer has no whole-word tokens of the form ' word'")
     return torch.tensor(ids[:max_size] if max_size else ids, dtype=torch.long)
 
 # %% ../nbs/30_lexical.ipynb #5ee086c0
-def init_codebook(token_embeddings: torch.Tensor, vocab_ids: torch.Tensor | None = None, trainable: bool = True) -> nn.Parameter:
+def init_codebook(token_embeddings: torch.Tensor, vocab_ids: torch.Tensor | None = None,
+                  trainable: bool = True) -> nn.Parameter:
     "A codebook [V', d] copied from the LLM's token embeddings (rows `vocab_ids`, or all)."
     E = token_embeddings.detach()
-    if E.dim() != 2: raise ValueError(f"init_codebook: token embeddings must be [V, d], got {tuple(E.shape)}")
+    if E.dim() != 2:
+        raise ValueError(f"init_codebook: token embeddings must be [V, d], got {tuple(E.shape)}")
     if vocab_ids is not None: E = E[vocab_ids]
     return nn.Parameter(E.clone().float(), requires_grad=trainable)
 
 # %% ../nbs/30_lexical.ipynb #17777ec9
 class VisionLexAdapter(nn.Module):
-    "DINOv2 patch features [B, N, Dv] -> patch lexical weights [B, N, V] and image weights [B, V] via a codebook."
-    def __init__(self, vision_dim: int, codebook: nn.Parameter, hidden: int | None = None, bias_init: float = 0.0):
+    "DINOv2 patch features [B, N, Dv] -> patch lexical weights [B, N, V], image weights [B, V] (codebook)."
+    def __init__(self, vision_dim: int, codebook: nn.Parameter, hidden: int | None = None,
+                 bias_init: float = 0.0):
         super().__init__()
-        d = codebook.shape[1]; hidden = hidden or d
+        d = codebook.shape[1]
+        hidden = hidden or d
         self.norm = nn.LayerNorm(vision_dim)
         self.mlp = nn.Sequential(nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, d))
         self.skip = nn.Linear(vision_dim, d, bias=False)
@@ -137,7 +150,8 @@ class VisionLexAdapter(nn.Module):
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         "Vocabulary logits [B, N, V] of each patch."
         if patches.dim() != 3 or patches.shape[-1] != self.vision_dim:
-            raise ValueError(f"VisionLexAdapter: patches must be [B, N, {self.vision_dim}], got {tuple(patches.shape)}")
+            raise ValueError(f"VisionLexAdapter: patches must be [B, N, {self.vision_dim}], "
+                             f"got {tuple(patches.shape)}")
         x = self.norm(patches)
         h = self.mlp(x) + self.skip(x)
         return h @ self.codebook.T / math.sqrt(self.dim) + self.bias
@@ -150,14 +164,18 @@ class VisionLexAdapter(nn.Module):
 # %% ../nbs/30_lexical.ipynb #3323734d
 LEXICAL_PROMPT = 'Summarize this caption in a few words: "{caption}"\nKeywords:'
 
+# %% ../nbs/30_lexical.ipynb #fa54fe58
 def lexical_prompt(caption: str, template: str = LEXICAL_PROMPT) -> str:
     "The in-context prompt asking the LLM to summarise `caption` in a few words."
-    if not isinstance(caption, str) or not caption.strip(): raise ValueError(f"lexical_prompt: empty caption {caption!r}")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"lexical_prompt: empty caption {caption!r}")
     return template.format(caption=" ".join(caption.split()))
 
+# %% ../nbs/30_lexical.ipynb #ba35c82d
 @torch.no_grad()
-def text_lexical_logits(lm, captions: Sequence[str], template: str = LEXICAL_PROMPT, batch_size: int = 16) -> torch.Tensor:
-    "Full-vocabulary LM-head logits [B, V] at the answer position of each caption's lexical prompt (frozen LM)."
+def text_lexical_logits(lm, captions: Sequence[str], template: str = LEXICAL_PROMPT,
+                        batch_size: int = 16) -> torch.Tensor:
+    "Full-vocabulary LM-head logits [B, V] at the answer position of each caption's lexical prompt."
     tok, model = lm.tokenizer, lm.model
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     dev = next(model.parameters()).device
@@ -165,28 +183,38 @@ def text_lexical_logits(lm, captions: Sequence[str], template: str = LEXICAL_PRO
     for i in range(0, len(captions), batch_size):
         prompts = [lexical_prompt(c, template) for c in captions[i:i + batch_size]]
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(dev)
-        outs.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, -1].float().cpu())
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        outs.append(logits[:, -1].float().cpu())
     return torch.cat(outs)
 
+# %% ../nbs/30_lexical.ipynb #1fd35f83
 def _logprobs(logits, vocab_ids, name):
-    if logits.dim() != 2: raise ValueError(f"{name}: logits must be [B, V] over the full vocabulary, got {tuple(logits.shape)}")
+    "Full-vocabulary log-probabilities of `logits` [B, V], sliced to `vocab_ids` afterwards."
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: logits must be [B, V] over the full vocabulary, "
+                         f"got {tuple(logits.shape)}")
     if not torch.isfinite(logits).all(): raise ValueError(f"{name}: logits contain NaN or inf")
     lp = torch.log_softmax(logits.float(), dim=-1)
     return lp if vocab_ids is None else lp[:, vocab_ids]
 
-def text_lexical_weights(logits: torch.Tensor, log_p0: float, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
-    "Frozen text lexical weights $\\log(1+\\mathrm{ReLU}(\\log p_v - \\log p_0))$ [B, V'] from full-vocabulary LM-head logits [B, V]."
+# %% ../nbs/30_lexical.ipynb #8b9d426b
+def text_lexical_weights(logits: torch.Tensor, log_p0: float,
+                         vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    "Frozen text lexical weights $\\log(1+\\mathrm{ReLU}(\\log p_v - \\log p_0))$ [B, V'], logits [B, V]."
     return lexical_activation(_logprobs(logits, vocab_ids, "text_lexical_weights") - float(log_p0))
 
-def calibrate_log_threshold(logits: torch.Tensor, active: float, vocab_ids: torch.Tensor | None = None) -> float:
-    "The global $\\log p_0$ at which the rows of `logits` [B, V] have `active` words with $\\log p_v > \\log p_0$ on average."
+# %% ../nbs/30_lexical.ipynb #e52ca42c
+def calibrate_log_threshold(logits: torch.Tensor, active: float,
+                            vocab_ids: torch.Tensor | None = None) -> float:
+    "The global $\\log p_0$ at which the rows of `logits` [B, V] have `active` words above it on average."
     lp = _logprobs(logits, vocab_ids, "calibrate_log_threshold").flatten()
     m = min(max(int(round(active * logits.shape[0])), 1), lp.numel() - 1)
     return float(lp.topk(m + 1).values[-1])
 
 # %% ../nbs/30_lexical.ipynb #b1dfe192
-def top_words(weights: torch.Tensor, tokenizer, vocab_ids: torch.Tensor | None = None, k: int = 10) -> list[list[tuple[str, float]]]:
-    "The `k` largest active words of each row of `weights` [B, V'] as (word, weight), words decoded by `tokenizer`."
+def top_words(weights: torch.Tensor, tokenizer, vocab_ids: torch.Tensor | None = None,
+              k: int = 10) -> list[list[tuple[str, float]]]:
+    "The `k` largest active words of each row of `weights` [B, V'] as (word, weight), via `tokenizer`."
     if weights.dim() == 1: weights = weights[None]
     vals, idx = weights.detach().float().topk(min(k, weights.shape[-1]), dim=-1)
     ids = idx if vocab_ids is None else vocab_ids[idx]

@@ -8,104 +8,128 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .lexical import VisionLexAdapter, init_codebook, to_sparse, sparse_scores, pool_lexical
+from fastcore.basics import patch
+from .lexical import VisionLexAdapter, init_codebook, to_sparse, sparse_scores
 from .overuse import lexical_penalty, penalty_weight
+from .losses import symmetric_infonce
+from .metrics import recall_at_k_from_scores
 
 # %% auto #0
-__all__ = ['pool_patch_grid', 'LexVLA', 'encode_all', 'paired_recall', 'lexical_eval', 'topk_hit_rate', 'select_vocabulary',
-           'calibrate_vision_bias', 'DenseLinearAlign']
-
-# %% ../nbs/33_lexvla.ipynb #b7afecce
-def pool_patch_grid(patches: torch.Tensor, factor: int = 1) -> torch.Tensor:
-    "Average-pool row-major patch features [B, h*w, D] (square grid) by `factor` -> [B, (h/f)*(w/f), D]."
-    if factor == 1: return patches
-    B, N, D = patches.shape; h = int(round(math.sqrt(N)))
-    if h * h != N or h % factor: raise ValueError(f"pool_patch_grid: {N} patches is not a square grid divisible by {factor}")
-    g = patches.reshape(B, h, h, D).permute(0, 3, 1, 2)
-    return F.avg_pool2d(g, factor).permute(0, 2, 3, 1).reshape(B, -1, D)
+__all__ = ['LexVLA', 'encode_all', 'paired_recall', 'lexical_eval', 'topk_hit_rate', 'select_vocabulary', 'calibrate_vision_bias',
+           'DenseLinearAlign']
 
 # %% ../nbs/33_lexvla.ipynb #623e1400
 class LexVLA(nn.Module):
-    "LexVLA on cached features: batch {'patches': [B, N, Dv], 'text': [B, V] fixed text lexical weights} -> contrastive + warmed-up penalty."
-    def __init__(self, vision_dim: int, token_embeddings: torch.Tensor, vocab_ids: torch.Tensor | None = None,
-                 penalty: str = "overuse", penalty_lambda: float = 1e-2, penalty_warmup: int = 100,
-                 hidden: int | None = None, vision_bias_init: float = 0.0, score_scale: float = 1.0):
+    "LexVLA on cached features: {'patches': [B, N, Dv], 'text': [B, V] fixed text lexical weights} -> loss."
+    def __init__(self, vision_dim: int, token_embeddings: torch.Tensor,
+                 vocab_ids: torch.Tensor | None = None, penalty: str = "overuse",
+                 penalty_lambda: float = 1e-2, penalty_warmup: int = 100, hidden: int | None = None,
+                 vision_bias_init: float = 0.0, score_scale: float = 1.0):
         super().__init__()
         E = token_embeddings.detach().float()
         if vocab_ids is not None: vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
         self.register_buffer("vocab_ids", vocab_ids if vocab_ids is not None else torch.arange(E.shape[0]))
-        self.vision = VisionLexAdapter(vision_dim, init_codebook(E, vocab_ids, trainable=True), hidden, vision_bias_init)
+        codebook = init_codebook(E, vocab_ids, trainable=True)
+        self.vision = VisionLexAdapter(vision_dim, codebook, hidden, vision_bias_init)
         self.penalty_fn, self.penalty = lexical_penalty(penalty), penalty
-        self.penalty_lambda, self.penalty_warmup, self.score_scale = float(penalty_lambda), int(penalty_warmup), float(score_scale)
+        self.penalty_lambda, self.penalty_warmup = float(penalty_lambda), int(penalty_warmup)
+        self.score_scale = float(score_scale)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    @property
-    def vocab_size(self) -> int: return int(self.vocab_ids.numel())
+# %% ../nbs/33_lexvla.ipynb #4650facd
+@patch(as_prop=True)
+def vocab_size(self: LexVLA) -> int: return int(self.vocab_ids.numel())
 
-    def encode_image(self, patches: torch.Tensor) -> dict:
-        "Patch and image lexical weights from patch features [B, N, Dv]."
-        return self.vision(patches)
+# %% ../nbs/33_lexvla.ipynb #77578910
+@patch
+def encode_image(self: LexVLA, patches: torch.Tensor) -> dict:
+    "Patch and image lexical weights from patch features [B, N, Dv]."
+    return self.vision(patches)
 
-    def loss(self, batch: dict) -> dict:
-        for k in ("patches", "text"):
-            if k not in batch: raise KeyError(f"LexVLA.loss: batch needs key {k!r}, got {sorted(batch)}")
-        si, st = self.encode_image(batch["patches"])["image_weights"], batch["text"].to(batch["patches"].device).float()
-        if st.dim() != 2 or st.shape[1] != self.vocab_size:
-            raise ValueError(f"LexVLA.loss: text must be lexical weights [B, {self.vocab_size}], got {tuple(st.shape)}")
-        if si.shape[0] != st.shape[0]: raise ValueError(f"LexVLA.loss: {si.shape[0]} images but {st.shape[0]} texts")
-        if (st < 0).any(): raise ValueError("LexVLA.loss: text lexical weights must be non-negative (text_lexical_weights)")
-        S = self.score_scale * si @ st.T
-        y = torch.arange(S.shape[0], device=S.device)
-        con = 0.5 * (F.cross_entropy(S, y) + F.cross_entropy(S.T, y))
-        lam = penalty_weight(int(self.step), self.penalty_lambda, self.penalty_warmup)
-        pen = self.penalty_fn(si) if self.penalty_fn is not None else S.new_zeros(())
-        if self.training: self.step += 1
-        return {"loss": con + lam * pen, "contrastive": con.detach(), "penalty": pen.detach(), "lambda": lam,
-                "active_image": (si > 0).sum(1).float().mean().detach(), "active_text": (st > 0).sum(1).float().mean().detach()}
+# %% ../nbs/33_lexvla.ipynb #b7cc32fc
+def _check_text(st: torch.Tensor, si: torch.Tensor, vocab_size: int):
+    "The batch's text lexical weights `st` against the image weights `si` [B, V]."
+    if st.dim() != 2 or st.shape[1] != vocab_size:
+        raise ValueError(f"LexVLA.loss: text must be lexical weights [B, {vocab_size}], "
+                         f"got {tuple(st.shape)}")
+    if si.shape[0] != st.shape[0]:
+        raise ValueError(f"LexVLA.loss: {si.shape[0]} images but {st.shape[0]} texts")
+    if (st < 0).any():
+        raise ValueError("LexVLA.loss: text lexical weights must be non-negative (text_lexical_weights)")
+
+# %% ../nbs/33_lexvla.ipynb #3959ed2e
+@patch
+def loss(self: LexVLA, batch: dict) -> dict:
+    "Contrastive loss + lambda_t x penalty(image vectors), with the active words per sample on each side."
+    for k in ("patches", "text"):
+        if k not in batch: raise KeyError(f"LexVLA.loss: batch needs key {k!r}, got {sorted(batch)}")
+    si = self.encode_image(batch["patches"])["image_weights"]
+    st = batch["text"].to(batch["patches"].device).float()
+    _check_text(st, si, self.vocab_size)
+    S = self.score_scale * si @ st.T
+    con = symmetric_infonce(S)
+    lam = penalty_weight(int(self.step), self.penalty_lambda, self.penalty_warmup)
+    pen = self.penalty_fn(si) if self.penalty_fn is not None else S.new_zeros(())
+    if self.training: self.step += 1
+    active = lambda w: (w > 0).sum(1).float().mean().detach()
+    return {"loss": con + lam * pen, "contrastive": con.detach(), "penalty": pen.detach(), "lambda": lam,
+            "active_image": active(si), "active_text": active(st)}
 
 # %% ../nbs/33_lexvla.ipynb #4e19024a
 @torch.no_grad()
 def encode_all(model: LexVLA, patches: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     "Image lexical weights [N, V] for all rows of patch features (eval mode, in batches)."
-    model.eval(); dev = next(model.parameters()).device
-    return torch.cat([model.encode_image(patches[i:i + batch_size].to(dev))["image_weights"].cpu() for i in range(0, len(patches), batch_size)])
+    model.eval()
+    dev = next(model.parameters()).device
+    return torch.cat([model.encode_image(patches[i:i + batch_size].to(dev))["image_weights"].cpu()
+                      for i in range(0, len(patches), batch_size)])
 
+# %% ../nbs/33_lexvla.ipynb #c08e9584
 def paired_recall(scores: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    "Recall@K both ways for a square score matrix whose diagonal holds the true pairs (`vla_lit.metrics`; ties count against)."
-    from vla_lit.metrics import recall_at_k_from_scores
-    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]: raise ValueError(f"paired_recall: need a square matrix, got {tuple(scores.shape)}")
+    "Recall@K both ways for a square score matrix whose diagonal holds the true pairs (ties count against)."
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"paired_recall: need a square matrix, got {tuple(scores.shape)}")
     out = recall_at_k_from_scores(scores.float(), torch.arange(scores.shape[0]), ks)
     return {k: v for k, v in out.items() if k != "rsum"}
 
+# %% ../nbs/33_lexvla.ipynb #4e0e4d28
 def lexical_eval(si: torch.Tensor, st: torch.Tensor, k: int = 64, ks=(1, 5, 10)) -> dict:
     "Recall@K with top-`k` sparse scoring, and active words per sample before top-k."
     S = sparse_scores(to_sparse(si, k), to_sparse(st, k))
     return {**paired_recall(S, ks), "active_image": float((si > 0).sum(1).float().mean()),
             "active_text": float((st > 0).sum(1).float().mean()), "topk": k}
 
+# %% ../nbs/33_lexvla.ipynb #6d47b96e
 def topk_hit_rate(weights: torch.Tensor, targets: list, k: int = 10) -> float:
-    "Fraction of rows of `weights` [B, V] whose `k` largest *active* words include at least one id of `targets[i]` (a set)."
-    if len(targets) != weights.shape[0]: raise ValueError(f"topk_hit_rate: {len(targets)} target sets for {weights.shape[0]} rows")
+    "Fraction of rows i of `weights` [B, V] whose `k` largest *active* words meet the id set `targets[i]`."
+    if len(targets) != weights.shape[0]:
+        raise ValueError(f"topk_hit_rate: {len(targets)} target sets for {weights.shape[0]} rows")
     vals, idx = weights.topk(min(k, weights.shape[1]), dim=-1)
-    return sum(bool(set(i[v > 0].tolist()) & set(t)) for i, v, t in zip(idx, vals, targets)) / max(len(targets), 1)
+    hits = sum(bool(set(i[v > 0].tolist()) & set(t)) for i, v, t in zip(idx, vals, targets))
+    return hits / max(len(targets), 1)
 
 # %% ../nbs/33_lexvla.ipynb #ec405b85
-def select_vocabulary(word_ids: torch.Tensor, text_weights: torch.Tensor | None = None, n_frequent: int = 1024,
-                      per_text: int = 32) -> torch.Tensor:
-    "Sorted token ids: the first `n_frequent` of `word_ids` plus each row's top-`per_text` *active* words of `text_weights` [N, len(word_ids)]."
+def select_vocabulary(word_ids: torch.Tensor, text_weights: torch.Tensor | None = None,
+                      n_frequent: int = 1024, per_text: int = 32) -> torch.Tensor:
+    """Sorted token ids: the first `n_frequent` of `word_ids` plus each row's top-`per_text` *active* words
+    of `text_weights` [N, len(word_ids)]."""
     keep = set(word_ids[:n_frequent].tolist())
     if text_weights is not None:
-        if text_weights.shape[-1] != len(word_ids): raise ValueError(f"select_vocabulary: weights over {text_weights.shape[-1]} words, word_ids has {len(word_ids)}")
+        if text_weights.shape[-1] != len(word_ids):
+            raise ValueError(f"select_vocabulary: weights over {text_weights.shape[-1]} words, "
+                             f"word_ids has {len(word_ids)}")
         vals, idx = text_weights.topk(min(per_text, len(word_ids)), dim=-1)
         keep |= set(word_ids[idx[vals > 0]].tolist())
     return torch.tensor(sorted(keep), dtype=torch.long)
 
+# %% ../nbs/33_lexvla.ipynb #9d864dab
 @torch.no_grad()
 def calibrate_vision_bias(model: LexVLA, patches: torch.Tensor, active: int = 256) -> float:
-    "Set the vision bias to the constant that makes about `active` words per image positive at initialisation."
+    "Set the vision bias to the constant that makes about `active` words per image positive at the start."
     z = model.vision.logits(patches).amax(1) - model.vision.bias        # image-level logits without the bias
     q = torch.quantile(z.float().flatten()[:2_000_000], 1 - min(active, z.shape[1]) / z.shape[1])
-    model.vision.bias.fill_(-float(q)); return -float(q)
+    model.vision.bias.fill_(-float(q))
+    return -float(q)
 
 # %% ../nbs/33_lexvla.ipynb #a2205f70
 class DenseLinearAlign(nn.Module):
@@ -114,10 +138,11 @@ class DenseLinearAlign(nn.Module):
         super().__init__()
         self.proj = nn.Linear(vision_dim, text_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor: return F.normalize(self.proj(patches), dim=-1)
-    def encode_image(self, patches: torch.Tensor) -> torch.Tensor: return F.normalize(self.proj(patches.mean(1)), dim=-1)
+    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(patches), dim=-1)
+    def encode_image(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(patches.mean(1)), dim=-1)
     def loss(self, batch: dict) -> dict:
         i, t = self.encode_image(batch["patches"]), F.normalize(batch["text"], dim=-1)
         S = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.T
-        y = torch.arange(len(S), device=S.device)
-        return {"loss": 0.5 * (F.cross_entropy(S, y) + F.cross_entropy(S.T, y))}
+        return {"loss": symmetric_infonce(S)}

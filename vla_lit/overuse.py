@@ -10,34 +10,41 @@ import torch
 __all__ = ['PENALTIES', 'flops_penalty', 'usage_frequency', 'overuse_penalty', 'penalty_weight', 'lexical_penalty']
 
 # %% ../nbs/31_overuse.ipynb #1bae94cd
+def _check(w, name):
+    "Penalties take a finite batch of lexical vectors [N, V]."
+    if w.dim() != 2: raise ValueError(f"{name}: weights must be a batch [N, V], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all(): raise ValueError(f"{name}: weights contain NaN or inf")
+
+# %% ../nbs/31_overuse.ipynb #7faacdd5
 def flops_penalty(weights: torch.Tensor) -> torch.Tensor:
     "SPLADE's FLOPs regulariser: $\\sum_j (\\frac1N\\sum_i |w_{ij}|)^2$ for a batch `weights` [N, V]."
     _check(weights, "flops_penalty")
     return weights.abs().mean(0).pow(2).sum()
 
+# %% ../nbs/31_overuse.ipynb #9aa201eb
 def usage_frequency(weights: torch.Tensor) -> torch.Tensor:
     "Fraction of the batch in which each token is active, $\\nu_j$ [V] (no gradient)."
     return (weights.detach() > 0).float().mean(0)
 
+# %% ../nbs/31_overuse.ipynb #636aba45
 def overuse_penalty(weights: torch.Tensor) -> torch.Tensor:
-    "Overuse penalty $\\sum_j \\nu_j\\,\\bar a_j$: each token's mean activation weighted by its usage frequency (held constant)."
+    "Overuse penalty $\\sum_j \\nu_j\\,\\bar a_j$: mean activation x usage frequency (held constant)."
     _check(weights, "overuse_penalty")
     return (usage_frequency(weights) * weights.abs().mean(0)).sum()
 
-def _check(w, name):
-    if w.dim() != 2: raise ValueError(f"{name}: weights must be a batch [N, V], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all(): raise ValueError(f"{name}: weights contain NaN or inf")
-
 # %% ../nbs/31_overuse.ipynb #855e2841
 def penalty_weight(step: int, lam: float, warmup: int) -> float:
-    "Quadratic warm-up (SPLADE's `RegWeightScheduler`): $\\lambda\\,\\min(t/T,1)^2$; full weight if `warmup` <= 0."
+    "SPLADE's quadratic warm-up (RegWeightScheduler): $\\lambda\\,\\min(t/T,1)^2$ (warmup <= 0: full)."
     if step < 0: raise ValueError(f"penalty_weight: step must be >= 0, got {step}")
     if warmup <= 0: return float(lam)
     return float(lam) * min(step / warmup, 1.0) ** 2
 
+# %% ../nbs/31_overuse.ipynb #16af05c4
 PENALTIES = {"none": None, "flops": flops_penalty, "overuse": overuse_penalty}
 
+# %% ../nbs/31_overuse.ipynb #238ccfb5
 def lexical_penalty(kind: str):
     "The penalty function called `kind` ('none', 'flops', 'overuse'); None for 'none'."
-    if kind not in PENALTIES: raise ValueError(f"lexical_penalty: unknown penalty {kind!r}; known: {list(PENALTIES)}")
+    if kind not in PENALTIES:
+        raise ValueError(f"lexical_penalty: unknown penalty {kind!r}; known: {list(PENALTIES)}")
     return PENALTIES[kind]

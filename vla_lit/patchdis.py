@@ -6,21 +6,24 @@
 from __future__ import annotations
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from .data import Record, load_rgba
 
 # %% auto #0
 __all__ = ['BACKGROUND', 'patch_labels', 'classify_patches', 'confusion', 'patchdis', 'Scene', 'compose_scene', 'stamp_name',
            'patchdis_set', 'scene_patchdis', 'scene_records']
 
 # %% ../nbs/32_patchdis.ipynb #46eca7ea
-BACKGROUND = -1
+BACKGROUND = -1                                      # the label of pixels and patches that show no object
 
+# %% ../nbs/32_patchdis.ipynb #21bd897d
 def patch_labels(pixel_labels: np.ndarray, patch: int = 14) -> np.ndarray:
-    "Majority label of each `patch`x`patch` cell of an [H, W] int label map (-1 = background) -> [H/patch, W/patch]."
+    "Majority label of each `patch`x`patch` cell of an [H, W] int label map (-1 = background) -> [H/p, W/p]."
     L = np.asarray(pixel_labels)
     if L.ndim != 2 or L.shape[0] % patch or L.shape[1] % patch:
         raise ValueError(f"patch_labels: need an [H, W] map with H, W multiples of {patch}, got {L.shape}")
@@ -30,17 +33,22 @@ def patch_labels(pixel_labels: np.ndarray, patch: int = 14) -> np.ndarray:
     return counts.argmax(-1) - 1
 
 # %% ../nbs/32_patchdis.ipynb #60ecda56
-def classify_patches(patch_vecs: torch.Tensor, class_vecs: torch.Tensor, candidates: Sequence[int] | None = None,
-                     cosine: bool = False) -> torch.Tensor:
-    "Index of the best class for each patch [N, D] among `candidates` (default all) by dot product (or cosine)."
+def classify_patches(patch_vecs: torch.Tensor, class_vecs: torch.Tensor,
+                     candidates: Sequence[int] | None = None, cosine: bool = False) -> torch.Tensor:
+    "Index of the best class for each patch [N, D] among `candidates` (default: all), dot or cosine."
     if patch_vecs.dim() != 2 or class_vecs.dim() != 2 or patch_vecs.shape[1] != class_vecs.shape[1]:
-        raise ValueError(f"classify_patches: need [N, D] and [C, D], got {tuple(patch_vecs.shape)} and {tuple(class_vecs.shape)}")
+        raise ValueError(f"classify_patches: need [N, D] and [C, D], got {tuple(patch_vecs.shape)} "
+                         f"and {tuple(class_vecs.shape)}")
     if cosine: patch_vecs, class_vecs = F.normalize(patch_vecs, dim=-1), F.normalize(class_vecs, dim=-1)
-    cand = torch.arange(class_vecs.shape[0]) if candidates is None else torch.as_tensor(list(candidates), dtype=torch.long)
+    if candidates is None:
+        cand = torch.arange(class_vecs.shape[0])
+    else:
+        cand = torch.as_tensor(list(candidates), dtype=torch.long)
     if len(cand) == 0: raise ValueError("classify_patches: empty candidate set")
     scores = patch_vecs.float() @ class_vecs[cand].float().T
     return cand[scores.argmax(-1)]
 
+# %% ../nbs/32_patchdis.ipynb #e8a32a49
 def confusion(pred: np.ndarray, gt: np.ndarray, n_classes: int, ignore: int = BACKGROUND) -> np.ndarray:
     "Confusion matrix [gt, pred] over patches whose ground truth is not `ignore`."
     pred, gt = np.asarray(pred).reshape(-1), np.asarray(gt).reshape(-1)
@@ -48,68 +56,88 @@ def confusion(pred: np.ndarray, gt: np.ndarray, n_classes: int, ignore: int = BA
     keep = gt != ignore
     if keep.any() and (gt[keep].max() >= n_classes or pred[keep].min() < 0 or pred[keep].max() >= n_classes):
         raise ValueError(f"confusion: labels must be in [0, {n_classes}) (background {ignore} in gt only)")
-    return np.bincount(gt[keep] * n_classes + pred[keep], minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    flat = np.bincount(gt[keep] * n_classes + pred[keep], minlength=n_classes ** 2)
+    return flat.reshape(n_classes, n_classes)
 
+# %% ../nbs/32_patchdis.ipynb #232216c4
 def patchdis(conf: np.ndarray) -> dict:
-    "PatchDis = mean IoU over classes present in the ground truth, plus patch accuracy, from a confusion matrix."
+    "PatchDis (mean IoU over the classes in the ground truth) and patch accuracy of a confusion matrix."
     conf = np.asarray(conf, dtype=np.float64)
     tp, gt_n, pr_n = np.diag(conf), conf.sum(1), conf.sum(0)
     present = gt_n > 0
     if not present.any(): raise ValueError("patchdis: no labelled patch in the ground truth")
     iou = tp[present] / (gt_n + pr_n - tp)[present]
-    return {"patchdis_miou": float(iou.mean()), "patch_acc": float(tp.sum() / conf.sum()), "n_classes": int(present.sum())}
+    return {"patchdis_miou": float(iou.mean()), "patch_acc": float(tp.sum() / conf.sum()),
+            "n_classes": int(present.sum())}
 
 # %% ../nbs/32_patchdis.ipynb #586dc710
 @dataclass
 class Scene:
-    "A composed image, its pixel label map [H, W] (-1 background) and patch label grid, and the class ids it holds."
+    "A composed image, its pixel label map [H, W] (-1 background), its patch label grid and its class ids."
     image: Image.Image
     pixel_labels: np.ndarray
     patch_labels: np.ndarray
     classes: list[int]
 
+# %% ../nbs/32_patchdis.ipynb #b9d04d86
+def _placement(lab: np.ndarray, m: np.ndarray, canvas: int, max_overlap: float, rng: np.random.Generator,
+               tries: int) -> tuple[int, int]:
+    "Top-left corner (x, y) for the mask `m` [h, w] on the label map `lab` [canvas, canvas]."
+    h, w = m.shape
+    for _ in range(tries):
+        x = int(rng.integers(0, canvas - w + 1))
+        y = int(rng.integers(0, canvas - h + 1))
+        under = lab[y:y + h, x:x + w][m]
+        hidden = [(under == o).sum() / max(1, (lab == o).sum()) for o in np.unique(under) if o != BACKGROUND]
+        if not hidden or max(hidden) <= max_overlap: break
+    return x, y
+
+# %% ../nbs/32_patchdis.ipynb #6ed26726
 def compose_scene(cutouts: Sequence[Image.Image], labels: Sequence[int], canvas: int = 224, patch: int = 14,
-                  size_range: tuple[int, int] = (80, 130), max_overlap: float = 0.25, alpha_threshold: int = 128,
-                  rng: np.random.Generator | int = 0, tries: int = 50) -> Scene:
+                  size_range: tuple[int, int] = (80, 130), max_overlap: float = 0.25,
+                  alpha_threshold: int = 128, rng: np.random.Generator | int = 0, tries: int = 50) -> Scene:
     "Paste RGBA `cutouts` (with class `labels`) onto a white canvas; exact pixel and patch labels."
-    if len(cutouts) != len(labels) or not cutouts: raise ValueError("compose_scene: need as many labels as cut-outs (at least one)")
+    if len(cutouts) != len(labels) or not cutouts:
+        raise ValueError("compose_scene: need as many labels as cut-outs (at least one)")
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     img = Image.new("RGBA", (canvas, canvas), (255, 255, 255, 255))
     lab = np.full((canvas, canvas), BACKGROUND, dtype=np.int64)
     for cut, c in zip(cutouts, labels):
-        if cut.mode != "RGBA": raise ValueError(f"compose_scene: cut-outs must be RGBA (alpha = mask), got {cut.mode}")
+        if cut.mode != "RGBA":
+            raise ValueError(f"compose_scene: cut-outs must be RGBA (alpha = mask), got {cut.mode}")
         side = int(rng.integers(size_range[0], size_range[1] + 1))
-        s = side / max(cut.size); cut = cut.resize((max(1, round(cut.width * s)), max(1, round(cut.height * s))), Image.BICUBIC)
+        s = side / max(cut.size)
+        cut = cut.resize((max(1, round(cut.width * s)), max(1, round(cut.height * s))), Image.BICUBIC)
         m = np.asarray(cut.getchannel("A")) >= alpha_threshold
         if not m.any(): raise ValueError(f"compose_scene: cut-out for class {c} has an empty alpha mask")
-        for _ in range(tries):
-            x, y = int(rng.integers(0, canvas - cut.width + 1)), int(rng.integers(0, canvas - cut.height + 1))
-            under = lab[y:y + cut.height, x:x + cut.width][m]
-            hidden = [(under == o).sum() / max(1, (lab == o).sum()) for o in np.unique(under) if o != BACKGROUND]
-            if not hidden or max(hidden) <= max_overlap: break
+        x, y = _placement(lab, m, canvas, max_overlap, rng, tries)
         img.alpha_composite(cut, (x, y))
         lab[y:y + cut.height, x:x + cut.width][m] = c
-    return Scene(img.convert("RGB"), lab, patch_labels(lab, patch), sorted(set(int(v) for v in np.unique(lab) if v != BACKGROUND)))
+    classes = sorted(set(int(v) for v in np.unique(lab) if v != BACKGROUND))
+    return Scene(img.convert("RGB"), lab, patch_labels(lab, patch), classes)
 
 # %% ../nbs/32_patchdis.ipynb #7c704aa9
 def stamp_name(record_id: str) -> str | None:
-    "A class name from a Tux Paint record id ('tuxpaint/animals/birds/pink_flamingo' -> 'pink flamingo'); None if not words."
+    "A class name from a Tux Paint record id ('tuxpaint/animals/birds/pink_flamingo' -> 'pink flamingo')."
     stem = record_id.rsplit("/", 1)[-1]
     words = re.sub(r"[-_]+", " ", re.sub(r"\d+", " ", stem)).split()
     words = [w.lower() for w in words if w.isalpha() and len(w) >= 3]
     return " ".join(words) if 1 <= len(words) <= 2 else None
 
-def patchdis_set(records, n_scenes: int = 64, per_scene: tuple[int, int] = (2, 4), seed: int = 0, **compose_kw):
+# %% ../nbs/32_patchdis.ipynb #d8c0ec6e
+def patchdis_set(records, n_scenes: int = 64, per_scene: tuple[int, int] = (2, 4), seed: int = 0,
+                 **compose_kw):
     "Compose `n_scenes` patch-labelled scenes from Tux Paint records; returns (scenes, class_names)."
-    from vla_lit.data import load_rgba
     by_name: dict[str, list] = {}
     for r in records:
         nm = stamp_name(r.id)
-        if nm and str(r.image).lower().endswith(".png"): by_name.setdefault(nm, []).append(r)
+        if nm and str(r.image).lower().endswith(".png"):
+            by_name.setdefault(nm, []).append(r)
     names = sorted(by_name)
-    if len(names) < per_scene[1]: raise ValueError(f"patchdis_set: only {len(names)} usable stamp names, need >= {per_scene[1]}")
+    if len(names) < per_scene[1]:
+        raise ValueError(f"patchdis_set: only {len(names)} usable stamp names, need >= {per_scene[1]}")
     rng = np.random.default_rng(seed)
-    scenes, used = [], set()
+    scenes = []
     for _ in range(n_scenes):
         k = int(rng.integers(per_scene[0], per_scene[1] + 1))
         pick = rng.choice(len(names), size=k, replace=False)
@@ -117,32 +145,39 @@ def patchdis_set(records, n_scenes: int = 64, per_scene: tuple[int, int] = (2, 4
         for j in pick:
             rec = by_name[names[j]][int(rng.integers(len(by_name[names[j]])))]
             cuts.append(load_rgba(rec))
-        scenes.append(compose_scene(cuts, [int(j) for j in pick], rng=rng, **compose_kw)); used.update(int(j) for j in pick)
+        scenes.append(compose_scene(cuts, [int(j) for j in pick], rng=rng, **compose_kw))
     return scenes, names
 
+# %% ../nbs/32_patchdis.ipynb #670961f2
 def scene_patchdis(patch_vecs: Sequence[torch.Tensor], class_vecs: torch.Tensor, scenes: Sequence[Scene],
                    candidates: str = "image", cosine: bool = False) -> dict:
-    "PatchDis over `scenes` given each scene's patch vectors [N, D] (row-major grid) and all class vectors [C, D]."
-    if len(patch_vecs) != len(scenes): raise ValueError(f"scene_patchdis: {len(patch_vecs)} patch sets for {len(scenes)} scenes")
-    if candidates not in ("image", "all"): raise ValueError(f"scene_patchdis: candidates must be 'image' or 'all', got {candidates!r}")
-    C = class_vecs.shape[0]; conf = np.zeros((C, C), dtype=np.int64)
+    "PatchDis over `scenes` from each scene's patch vectors [N, D] (row-major grid), class vectors [C, D]."
+    if len(patch_vecs) != len(scenes):
+        raise ValueError(f"scene_patchdis: {len(patch_vecs)} patch sets for {len(scenes)} scenes")
+    if candidates not in ("image", "all"):
+        raise ValueError(f"scene_patchdis: candidates must be 'image' or 'all', got {candidates!r}")
+    C = class_vecs.shape[0]
+    conf = np.zeros((C, C), dtype=np.int64)
     for pv, sc in zip(patch_vecs, scenes):
         if pv.shape[0] != sc.patch_labels.size:
-            raise ValueError(f"scene_patchdis: {pv.shape[0]} patch vectors for a {sc.patch_labels.shape} grid")
-        pred = classify_patches(pv, class_vecs, sc.classes if candidates == "image" else None, cosine=cosine).numpy()
+            raise ValueError(f"scene_patchdis: {pv.shape[0]} patch vectors for a "
+                             f"{sc.patch_labels.shape} grid")
+        cand = sc.classes if candidates == "image" else None
+        pred = classify_patches(pv, class_vecs, cand, cosine=cosine).numpy()
         conf += confusion(pred, sc.patch_labels, C)
     return patchdis(conf)
 
 # %% ../nbs/32_patchdis.ipynb #32363dc2
 def scene_records(scenes: Sequence[Scene], names: Sequence[str], folder) -> list:
-    "Write scenes as PNGs (+ label maps .npy) under `folder` (skipping existing files); one `Record` per scene."
-    from pathlib import Path
-    from vla_lit.data import Record
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    "Write scenes as PNGs (+ label maps .npy) under `folder` (kept if present); one `Record` per scene."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     recs = []
     for i, s in enumerate(scenes):
         p = folder / f"scene{i:04d}.png"
         if not p.exists(): s.image.save(p)
-        if not (folder / f"scene{i:04d}.npy").exists(): np.save(folder / f"scene{i:04d}.npy", s.pixel_labels)
-        recs.append(Record(f"patchdis/scene{i:04d}", str(p), [" and ".join(names[c] for c in s.classes)], None, "patchdis"))
+        labels = folder / f"scene{i:04d}.npy"
+        if not labels.exists(): np.save(labels, s.pixel_labels)
+        caption = " and ".join(names[c] for c in s.classes)
+        recs.append(Record(f"patchdis/scene{i:04d}", str(p), [caption], None, "patchdis"))
     return recs

@@ -8,23 +8,32 @@ import math, warnings
 from dataclasses import dataclass
 import torch
 from torch import Tensor
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['sinkhorn_lse', 'SinkhornResult', 'sinkhorn', 'sinkhorn_fused']
 
-# %% ../nbs/20_sinkhorn.ipynb #ed60c7ce
+# %% ../nbs/20_sinkhorn.ipynb #9ec3a11f
 def _signed(x: Tensor, epsilon: float, is_cost: bool) -> Tensor:
     "The log-kernel S/eps (scores) or -C/eps (cost)."
     return x * ((-1.0 if is_cost else 1.0) / epsilon)
 
-def sinkhorn_lse(x: Tensor, epsilon: float, n_iters: int = 3, a: Tensor | None = None, b: Tensor | None = None,
-                 is_cost: bool = False) -> Tensor:
-    "Reference log-domain Sinkhorn (one logsumexp per half-step); returns the plan [..., B, K] with P 1 = a, P^T 1 ~ b."
+# %% ../nbs/20_sinkhorn.ipynb #ed60c7ce
+def sinkhorn_lse(x: Tensor, epsilon: float, n_iters: int = 3, a: Tensor | None = None,
+                 b: Tensor | None = None, is_cost: bool = False) -> Tensor:
+    "Reference log-domain Sinkhorn (one logsumexp per half-step): the plan [..., B, K], P 1 = a, P^T 1 ~ b."
     W = _signed(x, epsilon, is_cost)
     *lead, B, K = W.shape
-    la = torch.full((B,), -math.log(B), dtype=W.dtype, device=W.device) if a is None else torch.as_tensor(a, dtype=W.dtype, device=W.device).log()
-    lb = torch.full((K,), -math.log(K), dtype=W.dtype, device=W.device) if b is None else torch.as_tensor(b, dtype=W.dtype, device=W.device).log()
-    phi = torch.zeros(*lead, B, dtype=W.dtype, device=W.device)
+    opts = dict(dtype=W.dtype, device=W.device)
+    if a is None:
+        la = torch.full((B,), -math.log(B), **opts)
+    else:
+        la = torch.as_tensor(a, **opts).log()
+    if b is None:
+        lb = torch.full((K,), -math.log(K), **opts)
+    else:
+        lb = torch.as_tensor(b, **opts).log()
+    phi = torch.zeros(*lead, B, **opts)
     for _ in range(n_iters):
         psi = lb - torch.logsumexp(W + phi.unsqueeze(-1), dim=-2)   # columns sum to b
         phi = la - torch.logsumexp(W + psi.unsqueeze(-2), dim=-1)   # rows sum to a
@@ -33,38 +42,160 @@ def sinkhorn_lse(x: Tensor, epsilon: float, n_iters: int = 3, a: Tensor | None =
 # %% ../nbs/20_sinkhorn.ipynb #d2b084da
 @dataclass
 class SinkhornResult:
-    "What `sinkhorn(..., full=True)` returns."
+    """What `sinkhorn(..., full=True)` returns. The duals give the plan in the "plan" normalisation:
+    log Q = x_signed / eps + log_u[..., :, None] + log_v[..., None, :]."""
     plan: Tensor      # [..., B, K] in the normalisation asked for
-    log_u: Tensor     # [..., B] log Q = x_signed/eps + log_u[..., :, None] + log_v[..., None, :]  (the "plan" normalisation)
+    log_u: Tensor     # [..., B]
     log_v: Tensor     # [..., K]
     n_iters: int      # iterations run
     err: float        # L1 error of the column marginal at the end, max over the batch
     n_rebuilds: int   # kernel rebuilds by an exact log-domain step (0: plain scaling all the way)
 
+# %% ../nbs/20_sinkhorn.ipynb #54a071e1
 def _marginal(m, n: int, lead, like: Tensor, name: str) -> Tensor:
     "Uniform 1/n if `m` is None, else `m` checked (finite, > 0) and broadcast to lead + [n]."
     if m is None: return torch.full((*lead, n), 1.0 / n, dtype=like.dtype, device=like.device)
     m = torch.as_tensor(m, dtype=like.dtype, device=like.device)
-    if m.shape[-1] != n: raise ValueError(f"sinkhorn: marginal {name} has {m.shape[-1]} entries, the problem has {n}")
-    if not torch.isfinite(m).all() or (m <= 0).any(): raise ValueError(f"sinkhorn: marginal {name} must be finite and > 0 everywhere")
+    if m.shape[-1] != n:
+        raise ValueError(f"sinkhorn: marginal {name} has {m.shape[-1]} entries, the problem has {n}")
+    if not torch.isfinite(m).all() or (m <= 0).any():
+        raise ValueError(f"sinkhorn: marginal {name} must be finite and > 0 everywhere")
     return m.expand(*lead, n)
 
+# %% ../nbs/20_sinkhorn.ipynb #76cee41f
 def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, name: str) -> Tensor:
-    "The checks every Sinkhorn entry point makes on its arguments; returns `x` as a float tensor (float32 for ints/half)."
+    "The checks every Sinkhorn entry point makes; returns `x` as a float tensor (float32 for ints/half)."
     what = "cost" if is_cost else "score"
-    if normalize not in ("plan", "rows", "cols"): raise ValueError(f"{name}: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
+    if normalize not in ("plan", "rows", "cols"):
+        raise ValueError(f"{name}: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
     if not epsilon > 0: raise ValueError(f"{name}: epsilon must be > 0, got {epsilon}")
-    if x.dim() < 2: raise ValueError(f"{name}: expected scores of shape [..., B, K], got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected scores of shape [..., B, K], got shape {tuple(x.shape)}")
     if x.numel() == 0: raise ValueError(f"{name}: the {what} matrix is empty, shape {tuple(x.shape)}")
-    lo, hi = torch.aminmax(x)   # one pass; NaN and inf propagate into min/max (torch.isfinite(x).all() costs ~20 passes on a CPU)
-    if not (torch.isfinite(lo) and torch.isfinite(hi)): raise ValueError(f"{name}: the {what} matrix contains NaN or inf")
-    return x.float() if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16) else x
+    # one pass; NaN and inf propagate into min/max (torch.isfinite(x).all() costs ~20 passes on a CPU)
+    lo, hi = torch.aminmax(x)
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise ValueError(f"{name}: the {what} matrix contains NaN or inf")
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16): return x.float()
+    return x
+
+# %% ../nbs/20_sinkhorn.ipynb #89aa05c2
+def _accuracy_bound(dtype: torch.dtype, B: int, K: int) -> float:
+    "log(eps / (max(B, K) tiny)): the largest log-scaling the kernel absorbs without losing accuracy."
+    fin = torch.finfo(dtype)
+    return math.log(fin.eps / (max(B, K) * fin.tiny))
+
+# %% ../nbs/20_sinkhorn.ipynb #4aaeb799
+def _check_out(out: Tensor | None, x: Tensor):
+    "`sinkhorn`'s checks on an output buffer `out` for the problem `x`."
+    if out is None: return
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"sinkhorn: out must be a {x.dtype} tensor of shape {tuple(x.shape)} on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.data_ptr() == x.data_ptr():
+        raise ValueError("sinkhorn: out must not be the score/cost tensor itself (it is read again)")
+
+# %% ../nbs/20_sinkhorn.ipynb #6f853fb2
+class _Scaling:
+    "Stabilised Sinkhorn state for `x` [..., B, K]: plan = diag(u) Km diag(v), Km = exp(s x + f + g)."
+    def __init__(self, x: Tensor, s: float, a: Tensor, b: Tensor, log_domain: bool,
+                 out: Tensor | None = None):
+        *lead, B, K = x.shape
+        self.x, self.s, self.a, self.b, self.log_domain = x, s, a, b, log_domain
+        self.loga, self.logb = a.log(), b.log()
+        self.L = _accuracy_bound(x.dtype, B, K)
+        # one shift per problem (largest kernel entry = 1): starting from u = 1 is then the uniform start
+        # of POT and SwAV (a per-row shift would change the starting point of the iterations)
+        shift = -(x.amax((-2, -1)) if s > 0 else x.amin((-2, -1))) * s
+        self.f = shift.unsqueeze(-1).expand(*lead, B).clone()
+        self.g = torch.zeros_like(b)
+        self.Km = torch.add(self.f.unsqueeze(-1), x, alpha=s, out=out).exp_()   # the kernel exp(W + f + g)
+        self.u, self.v = torch.ones_like(a), torch.ones_like(b)
+        self.n_rebuilds = 0
+
+# %% ../nbs/20_sinkhorn.ipynb #5f5acd55
+@patch
+def representable(self: _Scaling, lu: Tensor, lv: Tensor) -> bool:
+    "Can diag(exp lu) Km diag(exp lv) be used as is (the bound L on rows and columns)?"
+    if not self.log_domain: return True
+    if not (torch.isfinite(lu).all() and torch.isfinite(lv).all()): return False
+    rows = (lu - self.loga).amax(-1) + lv.amax(-1)
+    cols = (lv - self.logb).amax(-1) + lu.amax(-1)
+    return bool(torch.maximum(rows, cols).max() < self.L)
+
+# %% ../nbs/20_sinkhorn.ipynb #08e5694d
+@patch
+def col_sums(self: _Scaling) -> Tensor:
+    "K^T u [..., K]: one pass over the kernel."
+    return torch.matmul(self.u.unsqueeze(-2), self.Km).squeeze(-2)
+
+@patch
+def col_error(self: _Scaling, KTu: Tensor | None = None) -> float:
+    "L1 error of the column marginal, max over the batch (`KTu`: K^T u if already computed)."
+    KTu = self.col_sums() if KTu is None else KTu
+    return float((self.v * KTu - self.b).abs().sum(-1).max())
+
+# %% ../nbs/20_sinkhorn.ipynb #fdb091ee
+@patch
+def column_step(self: _Scaling, KTu: Tensor):
+    "v = b / K^T u, or (not representable) absorb u into f, an exact column step for g, rebuild the kernel."
+    v_new = self.b / KTu
+    if self.representable(self.u.log(), v_new.log()):
+        self.v = v_new
+        return
+    self.f = self.f + self.u.log()
+    torch.add(self.f.unsqueeze(-1), self.x, alpha=self.s, out=self.Km)
+    self.g = self.logb - torch.logsumexp(self.Km, dim=-2)
+    self.Km.add_(self.g.unsqueeze(-2)).exp_()
+    self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
+    self.n_rebuilds += 1
+
+# %% ../nbs/20_sinkhorn.ipynb #de5ef7fa
+@patch
+def row_step(self: _Scaling):
+    "u = a / K v, or (not representable) absorb v into g, an exact row step for f, rebuild the kernel."
+    Kv = torch.matmul(self.Km, self.v.unsqueeze(-1)).squeeze(-1)
+    u_new = self.a / Kv
+    if self.representable(u_new.log(), self.v.log()):
+        self.u = u_new
+        return
+    self.g = self.g + self.v.log()
+    torch.add(self.g.unsqueeze(-2), self.x, alpha=self.s, out=self.Km)
+    self.f = self.loga - torch.logsumexp(self.Km, dim=-1)
+    self.Km.add_(self.f.unsqueeze(-1)).exp_()
+    self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
+    self.n_rebuilds += 1
+
+# %% ../nbs/20_sinkhorn.ipynb #103f3a37
+def _scale_plan(Km: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor, normalize: str) -> Tensor:
+    "diag(u) Km diag(v), in place; rows divided by `a` ('rows') or columns by `b` ('cols')."
+    ru = u / a if normalize == "rows" else u
+    cv = v / b if normalize == "cols" else v
+    return Km.mul_(ru.unsqueeze(-1)).mul_(cv.unsqueeze(-2))
+
+# %% ../nbs/20_sinkhorn.ipynb #d0e9434b
+@patch
+def result(self: _Scaling, normalize: str, full: bool, tol: float | None, err: float, it: int,
+           epsilon: float) -> Tensor | SinkhornResult:
+    "Check the scalings, measure the column error if needed, scale the kernel into the plan."
+    u, v = self.u, self.v
+    if not (torch.isfinite(u).all() and torch.isfinite(v).all() and (u > 0).all() and (v > 0).all()):
+        raise FloatingPointError(f"sinkhorn: the exp-domain kernel under/overflowed at epsilon={epsilon} "
+                                 f"({self.x.dtype}); use log_domain=True")
+    if full or (tol is not None and not err <= tol):
+        err = self.col_error()
+        if tol is not None and not err <= tol:
+            warnings.warn(f"sinkhorn: column-marginal L1 error {err:.3g} > tol={tol} after {it} iterations")
+    log_u, log_v = self.f + u.log(), self.g + v.log()
+    plan = _scale_plan(self.Km, u, v, self.a, self.b, normalize)
+    return SinkhornResult(plan, log_u, log_v, it, err, self.n_rebuilds) if full else plan
 
 # %% ../nbs/20_sinkhorn.ipynb #d1937e93
 @torch.no_grad()
 def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: float | None = None,
-             a: Tensor | None = None, b: Tensor | None = None, log_domain: bool = True, is_cost: bool = False,
-             normalize: str = "plan", max_iters: int = 10_000, full: bool = False, out: Tensor | None = None) -> Tensor | SinkhornResult:
+             a: Tensor | None = None, b: Tensor | None = None, log_domain: bool = True,
+             is_cost: bool = False, normalize: str = "plan", max_iters: int = 10_000, full: bool = False,
+             out: Tensor | None = None) -> Tensor | SinkhornResult:
     """Entropic OT between the rows and columns of scores `x` [..., B, K] (or a cost, `is_cost=True`):
     max <Q, S> + eps H(Q) s.t. Q 1 = a, Q^T 1 = b (uniform if None). Runs `n_iters` iterations (default 3),
     or with `tol` until the L1 column-marginal error <= tol (at most `max_iters`). Returns the plan
@@ -74,94 +205,85 @@ def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: 
     if n_iters is None: n_iters = 3 if tol is None else max_iters
     if n_iters < 1: raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
     *lead, B, K = x.shape
-    a = _marginal(a, B, lead, x, "a"); b = _marginal(b, K, lead, x, "b")
-    if not torch.allclose(a.sum(-1), b.sum(-1), rtol=1e-4): raise ValueError("sinkhorn: marginals a and b must have the same total mass")
-    s = (-1.0 if is_cost else 1.0) / epsilon                     # log-kernel W = s * x
-    loga, logb = a.log(), b.log()
-    fin = torch.finfo(x.dtype)
-    L = math.log(fin.eps / (max(B, K) * fin.tiny))               # accuracy bound, see the derivation
-    # one shift per problem (largest kernel entry = 1): starting from u = 1 is then the uniform start
-    # of POT and SwAV (a per-row shift would change the starting point of the iterations)
-    f = (-(x.amax((-2, -1)) if s > 0 else x.amin((-2, -1))) * s).unsqueeze(-1).expand(*lead, B).clone()
-    g = torch.zeros_like(b)
-    if out is not None:
-        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"sinkhorn: out must be a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-        if out.data_ptr() == x.data_ptr(): raise ValueError("sinkhorn: out must not be the score/cost tensor itself (it is read again)")
-    Km = torch.add(f.unsqueeze(-1), x, alpha=s, out=out).exp_()   # the stabilised kernel exp(W + f + g)
-    u, v = torch.ones_like(a), torch.ones_like(b)
-    def representable(lu, lv):                                   # can diag(u) Km diag(v) be used as is?
-        if not log_domain: return True
-        if not (torch.isfinite(lu).all() and torch.isfinite(lv).all()): return False
-        rows = (lu - loga).amax(-1) + lv.amax(-1); cols = (lv - logb).amax(-1) + lu.amax(-1)
-        return bool(torch.maximum(rows, cols).max() < L)
-    n_rebuilds, err, it = 0, float("nan"), 0
+    a = _marginal(a, B, lead, x, "a")
+    b = _marginal(b, K, lead, x, "b")
+    if not torch.allclose(a.sum(-1), b.sum(-1), rtol=1e-4):
+        raise ValueError("sinkhorn: marginals a and b must have the same total mass")
+    _check_out(out, x)
+    st = _Scaling(x, (-1.0 if is_cost else 1.0) / epsilon, a, b, log_domain, out)
+    err, it = float("nan"), 0
     for it in range(1, n_iters + 1):
-        KTu = torch.matmul(u.unsqueeze(-2), Km).squeeze(-2)      # column step: v = b / K^T u
+        KTu = st.col_sums()
         if tol is not None and it > 1:
-            err = float((v * KTu - b).abs().sum(-1).max())
-            if err <= tol: it -= 1; break
-        v_new = b / KTu
-        if representable(u.log(), v_new.log()): v = v_new
-        else:                                                    # absorb u, exact column step, rebuild
-            f = f + u.log(); torch.add(f.unsqueeze(-1), x, alpha=s, out=Km)
-            g = logb - torch.logsumexp(Km, dim=-2); Km.add_(g.unsqueeze(-2)).exp_()
-            u, v = torch.ones_like(a), torch.ones_like(b); n_rebuilds += 1
-        Kv = torch.matmul(Km, v.unsqueeze(-1)).squeeze(-1)       # row step: u = a / K v
-        u_new = a / Kv
-        if representable(u_new.log(), v.log()): u = u_new
-        else:                                                    # absorb v, exact row step, rebuild
-            g = g + v.log(); torch.add(g.unsqueeze(-2), x, alpha=s, out=Km)
-            f = loga - torch.logsumexp(Km, dim=-1); Km.add_(f.unsqueeze(-1)).exp_()
-            u, v = torch.ones_like(a), torch.ones_like(b); n_rebuilds += 1
-    if not (torch.isfinite(u).all() and torch.isfinite(v).all() and (u > 0).all() and (v > 0).all()):
-        raise FloatingPointError(f"sinkhorn: the exp-domain kernel under/overflowed at epsilon={epsilon} ({x.dtype}); "
-                                 "use log_domain=True")
-    if full or (tol is not None and not err <= tol):
-        err = float((v * torch.matmul(u.unsqueeze(-2), Km).squeeze(-2) - b).abs().sum(-1).max())
-        if tol is not None and not err <= tol:
-            warnings.warn(f"sinkhorn: column-marginal L1 error {err:.3g} > tol={tol} after {it} iterations")
-    log_u, log_v = f + u.log(), g + v.log()
-    plan = Km.mul_((u / a if normalize == "rows" else u).unsqueeze(-1)).mul_((v / b if normalize == "cols" else v).unsqueeze(-2))
-    return SinkhornResult(plan, log_u, log_v, it, err, n_rebuilds) if full else plan
+            err = st.col_error(KTu)
+            if err <= tol:
+                it -= 1
+                break
+        st.column_step(KTu)
+        st.row_step()
+    return st.result(normalize, full, tol, err, it, epsilon)
+
+# %% ../nbs/20_sinkhorn.ipynb #45b0edee
+def _fused_kernel(X: Tensor, Km: Tensor, shift: Tensor, s: float, blocks, like: Tensor) -> Tensor:
+    "Write the kernel exp(s X + shift) [P, B, K] into `Km` block by block; returns its column sums [P, K]."
+    KTu = torch.zeros_like(like)
+    for r0, r1 in blocks:
+        kb = Km[:, r0:r1]
+        torch.add(shift[:, None, None], X[:, r0:r1], alpha=s, out=kb).exp_()
+        KTu += kb.sum(1)
+    return KTu
+
+# %% ../nbs/20_sinkhorn.ipynb #4ee07d39
+def _fused_sweep(Km: Tensor, u: Tensor, v: Tensor, a3: Tensor, b3: Tensor, blocks, last: bool,
+                 normalize: str) -> Tensor | None:
+    "Row step into `u` block by block, with the next K^T u (returned) or, if `last`, the plan into Km."
+    KTu = None if last else torch.zeros_like(b3)
+    for r0, r1 in blocks:
+        kb = Km[:, r0:r1]
+        ub = a3[:, r0:r1] / torch.matmul(kb, v.unsqueeze(-1)).squeeze(-1)
+        u[:, r0:r1] = ub
+        if last:
+            _scale_plan(kb, ub, v, a3[:, r0:r1], b3, normalize)
+        else:
+            KTu += torch.matmul(ub.unsqueeze(-2), kb).squeeze(-2)
+    return KTu
+
+# %% ../nbs/20_sinkhorn.ipynb #40a74deb
+def _exceeds(w: Tensor, m: Tensor, other: Tensor, L: float) -> bool:
+    "Did scaling `w` (marginal `m`) under/overflow, or do `w` and the `other` scaling break the bound L?"
+    if not (torch.isfinite(w).all() and (w > 0).all()): return True
+    return float((w / m).log().amax() + other.log().amax()) > L
 
 # %% ../nbs/20_sinkhorn.ipynb #18e34dbe
 @torch.no_grad()
-def sinkhorn_fused(x: Tensor, epsilon: float = 0.05, n_iters: int = 3, a: Tensor | None = None, b: Tensor | None = None,
-                   is_cost: bool = False, normalize: str = "plan", block_elems: int = 1 << 18, out: Tensor | None = None) -> Tensor:
-    """Fixed-iteration Sinkhorn in the scaling domain with one cache-blocked sweep over the kernel per iteration
-    (same iterates as `sinkhorn`); falls back to the stabilised log-domain `sinkhorn` if the exp-domain kernel underflows."""
+def sinkhorn_fused(x: Tensor, epsilon: float = 0.05, n_iters: int = 3, a: Tensor | None = None,
+                   b: Tensor | None = None, is_cost: bool = False, normalize: str = "plan",
+                   block_elems: int = 1 << 18, out: Tensor | None = None) -> Tensor:
+    """Fixed-iteration Sinkhorn in the scaling domain with one cache-blocked sweep over the kernel per
+    iteration (same iterates as `sinkhorn`); falls back to the stabilised log-domain `sinkhorn` if the
+    exp-domain kernel underflows."""
     x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn_fused")
     if n_iters < 1: raise ValueError(f"sinkhorn_fused: n_iters must be >= 1, got {n_iters}")
     fallback = lambda: sinkhorn(x, epsilon, n_iters, a=a, b=b, is_cost=is_cost, normalize=normalize, out=out)
     *lead, B, K = x.shape
     X = x.reshape(-1, B, K)
-    a3 = _marginal(a, B, lead, x, "a").reshape(-1, B); b3 = _marginal(b, K, lead, x, "b").reshape(-1, K)
+    a3 = _marginal(a, B, lead, x, "a").reshape(-1, B)
+    b3 = _marginal(b, K, lead, x, "b").reshape(-1, K)
     s = (-1.0 if is_cost else 1.0) / epsilon
-    shift = -(X.amax((-2, -1)) if s > 0 else X.amin((-2, -1))) * s                 # [P]: largest kernel entry = 1
+    shift = -(X.amax((-2, -1)) if s > 0 else X.amin((-2, -1))) * s          # [P]: largest kernel entry = 1
     Km = torch.empty_like(X) if out is None else out.view(-1, B, K)
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.data_ptr() == x.data_ptr()):
-        raise ValueError(f"sinkhorn_fused: out must be a separate {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device
+                            or out.data_ptr() == x.data_ptr()):
+        raise ValueError(f"sinkhorn_fused: out must be a separate {x.dtype} tensor of shape "
+                         f"{tuple(x.shape)} on {x.device}")
     step = max(1, block_elems // K)
     blocks = [(r, min(B, r + step)) for r in range(0, B, step)]
-    KTu = torch.zeros_like(b3)
-    for r0, r1 in blocks:                                                       # sweep 0: kernel + first column step (u = 1)
-        kb = Km[:, r0:r1]; torch.add(shift[:, None, None], X[:, r0:r1], alpha=s, out=kb).exp_()
-        KTu += kb.sum(1)
-    fin = torch.finfo(x.dtype); L = math.log(fin.eps / (max(B, K) * fin.tiny))
+    KTu = _fused_kernel(X, Km, shift, s, blocks, b3)          # sweep 0: kernel + first column step (u = 1)
+    L = _accuracy_bound(x.dtype, B, K)
     u = torch.ones_like(a3)
-    bad = lambda w: not (torch.isfinite(w).all() and (w > 0).all())
     for it in range(1, n_iters + 1):
-        v = b3 / KTu                                                            # column step; then the accuracy bound L (derivation)
-        if bad(v) or float((v / b3).log().amax() + u.log().amax()) > L: return fallback()
-        last = it == n_iters
-        if not last: KTu = torch.zeros_like(b3)
-        for r0, r1 in blocks:                                                   # one sweep: row step (+ next column step, or the plan)
-            kb = Km[:, r0:r1]
-            ub = a3[:, r0:r1] / torch.matmul(kb, v.unsqueeze(-1)).squeeze(-1)
-            u[:, r0:r1] = ub
-            if not last: KTu += torch.matmul(ub.unsqueeze(-2), kb).squeeze(-2)
-            else:
-                kb.mul_((ub / a3[:, r0:r1] if normalize == "rows" else ub).unsqueeze(-1)).mul_((v / b3 if normalize == "cols" else v).unsqueeze(-2))
-        if bad(u) or float((u / a3).log().amax() + v.log().amax()) > L: return fallback()
+        v = b3 / KTu                                          # column step; then the accuracy bound L
+        if _exceeds(v, b3, u, L): return fallback()
+        KTu = _fused_sweep(Km, u, v, a3, b3, blocks, it == n_iters, normalize)
+        if _exceeds(u, a3, v, L): return fallback()
     return Km.view(x.shape)

@@ -4,13 +4,15 @@
 
 # %% ../nbs/21_vlap.ipynb #4f8aaa00
 from __future__ import annotations
-import math
 from collections import Counter
 from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from fastcore.basics import patch
 from .sinkhorn import sinkhorn
+from .losses import symmetric_infonce
+from .models import freeze
 
 # %% auto #0
 __all__ = ['caption_token_counts', 'frequent_tokens', 'vocabulary_prior', 'vocab_prototypes', 'swapped_prediction_loss',
@@ -18,26 +20,31 @@ __all__ = ['caption_token_counts', 'frequent_tokens', 'vocabulary_prior', 'vocab
 
 # %% ../nbs/21_vlap.ipynb #5a464426
 def caption_token_counts(lm, texts: Sequence[str]) -> Tensor:
-    "How often each vocabulary token occurs in `texts` (tokenised by `lm`'s tokenizer, no special tokens) [V]."
+    "How often each vocabulary token occurs in `texts` (`lm`'s tokenizer, no special tokens) [V]."
     counts = torch.zeros(lm.vocab_size, dtype=torch.float64)
     texts = list(texts)
     if not texts: raise ValueError("caption_token_counts: no texts given")
     for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        for t, c in Counter(ids).items(): counts[t] += c
+        for t, c in Counter(ids).items():
+            counts[t] += c
     return counts
 
+# %% ../nbs/21_vlap.ipynb #9b53931a
 def frequent_tokens(counts: Tensor, top: int) -> Tensor:
     "Ids of the `top` most frequent tokens (ties broken by id), sorted by id."
-    if top <= 0 or top > len(counts): raise ValueError(f"frequent_tokens: top must be in [1, {len(counts)}], got {top}")
+    if top <= 0 or top > len(counts):
+        raise ValueError(f"frequent_tokens: top must be in [1, {len(counts)}], got {top}")
     order = torch.argsort(-counts, stable=True)[:top]
     return torch.sort(order).values
 
+# %% ../nbs/21_vlap.ipynb #101007d7
 def vocabulary_prior(counts: Tensor, temperature: float = 0.25, ids: Tensor | None = None) -> Tensor:
-    "Column marginal over the prototypes: softmax(relative frequency / temperature), restricted to `ids` if given."
+    "Column marginal over the prototypes: softmax(relative frequency / temperature), restricted to `ids`."
     c = counts if ids is None else counts[ids]
     if c.sum() <= 0: raise ValueError("vocabulary_prior: the counts are all zero")
     return torch.softmax((c / c.sum()) / temperature, dim=0).float()
 
+# %% ../nbs/21_vlap.ipynb #93583671
 def vocab_prototypes(lm, ids: Tensor | None = None) -> Tensor:
     "The normalised token embeddings [K, D] (all V tokens, or the rows `ids`), detached float32."
     E = lm.token_embeddings.detach()
@@ -45,150 +52,203 @@ def vocab_prototypes(lm, ids: Tensor | None = None) -> Tensor:
     return F.normalize(E.float(), dim=-1)
 
 # %% ../nbs/21_vlap.ipynb #b2d56ffd
-def swapped_prediction_loss(scores_a: Tensor, scores_b: Tensor, q_a: Tensor, q_b: Tensor, temperature: float) -> Tensor:
-    "SwAV's swapped prediction: mean of CE(q_b, softmax(scores_a/T)) and CE(q_a, softmax(scores_b/T)); q rows sum to 1."
+def swapped_prediction_loss(scores_a: Tensor, scores_b: Tensor, q_a: Tensor, q_b: Tensor,
+                            temperature: float) -> Tensor:
+    "SwAV's swapped prediction: mean of CE(q_b, softmax(scores_a/T)) and CE(q_a, softmax(scores_b/T))."
     if scores_a.shape != scores_b.shape or q_a.shape != scores_a.shape or q_b.shape != scores_a.shape:
-        raise ValueError(f"swapped_prediction_loss: shapes differ: {tuple(scores_a.shape)}, {tuple(scores_b.shape)}, {tuple(q_a.shape)}, {tuple(q_b.shape)}")
+        raise ValueError(f"swapped_prediction_loss: shapes differ: {tuple(scores_a.shape)}, "
+                         f"{tuple(scores_b.shape)}, {tuple(q_a.shape)}, {tuple(q_b.shape)}")
     la, lb = F.log_softmax(scores_a / temperature, -1), F.log_softmax(scores_b / temperature, -1)
     return 0.5 * (-(q_b * la).sum(-1).mean() - (q_a * lb).sum(-1).mean())
 
-def assignments(scores: Tensor, epsilon: float = 0.01, n_iters: int = 3, prior: Tensor | None = None) -> Tensor:
-    "Sinkhorn assignments of samples (rows) to prototypes (columns, marginal `prior` or uniform), rows summing to 1; no grad."
+# %% ../nbs/21_vlap.ipynb #751dd5de
+def assignments(scores: Tensor, epsilon: float = 0.01, n_iters: int = 3,
+                prior: Tensor | None = None) -> Tensor:
+    "Sinkhorn assignments of samples (rows) to prototypes (marginal `prior`, or uniform); rows sum to 1."
     b = None if prior is None else prior.to(scores.device, torch.float32)
     return sinkhorn(scores.detach().float(), epsilon, n_iters, b=b, normalize="rows").to(scores.dtype)
 
 # %% ../nbs/21_vlap.ipynb #27db1112
 def tokenize_captions(lm, captions: Sequence[str], max_tokens: int = 32) -> dict[str, Tensor]:
-    "Caption token ids + EOS, right-padded: {'input_ids', 'attention_mask'} [N, T] (T <= max_tokens), on CPU."
+    "Caption token ids + EOS, right-padded: {'input_ids', 'attention_mask'} [N, T], T <= max_tokens, on CPU."
     captions = list(captions)
     bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
     if bad: raise ValueError(f"tokenize_captions: captions {bad[:10]} are empty or not strings")
     tok, eos = lm.tokenizer, lm.tokenizer.eos_token_id
-    seqs = [ids[:max_tokens - 1] + [eos] for ids in tok([" " + c.strip() for c in captions], add_special_tokens=False)["input_ids"]]
+    enc = tok([" " + c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+    seqs = [ids[:max_tokens - 1] + [eos] for ids in enc]
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long); mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs): ids[i, :len(s)] = torch.tensor(s); mask[i, :len(s)] = 1
+    ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
-def prefix_caption_loss(lm, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor, prompt_ids: Tensor | None = None) -> Tensor:
+# %% ../nbs/21_vlap.ipynb #4701c6b5
+def prefix_caption_loss(lm, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                        prompt_ids: Tensor | None = None) -> Tensor:
     "Next-token CE of the caption tokens given [prefix embeddings; prompt; caption] through the frozen `lm`."
     B, N, D = prefix.shape
     emb = lm.model.get_input_embeddings()
     parts, masks = [prefix], [torch.ones(B, N, dtype=attention_mask.dtype, device=prefix.device)]
     if prompt_ids is not None and len(prompt_ids):
         p = prompt_ids.to(prefix.device)
-        parts.append(emb(p).unsqueeze(0).expand(B, -1, -1).to(prefix.dtype)); masks.append(torch.ones(B, len(p), dtype=attention_mask.dtype, device=prefix.device))
+        parts.append(emb(p).unsqueeze(0).expand(B, -1, -1).to(prefix.dtype))
+        masks.append(torch.ones(B, len(p), dtype=attention_mask.dtype, device=prefix.device))
     input_ids, attention_mask = input_ids.to(prefix.device), attention_mask.to(prefix.device)
-    parts.append(emb(input_ids).to(prefix.dtype)); masks.append(attention_mask)
+    parts.append(emb(input_ids).to(prefix.dtype))
+    masks.append(attention_mask)
     x, m = torch.cat(parts, 1), torch.cat(masks, 1)
     labels = torch.full(m.shape, -100, dtype=torch.long, device=prefix.device)
     labels[:, -input_ids.shape[1]:] = input_ids.masked_fill(attention_mask == 0, -100)
     logits = lm.model(inputs_embeds=x, attention_mask=m).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
 
 # %% ../nbs/21_vlap.ipynb #d627a4be
 class VLAP(nn.Module):
-    "VLAP: a linear map vision -> LLM input space, trained by swapped OT assignment prediction over the word embeddings + captioning."
-    def __init__(self, lm, vision_dim: int, *, epsilon: float = 0.01, sinkhorn_iters: int = 3, temperature: float = 0.01,
-                 assign_weight: float = 0.1, caption_weight: float = 1.0, objective: str = "ot", vocab_ids: Tensor | None = None,
-                 prior: Tensor | None = None, prompt: str = "A picture of", caption_batch: int | None = None, text_mean: Tensor | None = None):
+    "VLAP: a linear map vision -> LLM input space, trained by swapped OT assignment prediction + captioning."
+    def __init__(self, lm, vision_dim: int, *, epsilon: float = 0.01, sinkhorn_iters: int = 3,
+                 temperature: float = 0.01, assign_weight: float = 0.1, caption_weight: float = 1.0,
+                 objective: str = "ot", vocab_ids: Tensor | None = None, prior: Tensor | None = None,
+                 prompt: str = "A picture of", caption_batch: int | None = None,
+                 text_mean: Tensor | None = None):
         super().__init__()
-        if objective not in ("ot", "contrastive"): raise ValueError(f"VLAP: objective must be 'ot' or 'contrastive', got {objective!r}")
-        self.lm = lm
-        for p in self.lm.parameters(): p.requires_grad_(False)
-        self.lm.eval()
+        if objective not in ("ot", "contrastive"):
+            raise ValueError(f"VLAP: objective must be 'ot' or 'contrastive', got {objective!r}")
+        self.lm = freeze(lm)
         self.proj = nn.Linear(vision_dim, lm.dim)
         self.epsilon, self.sinkhorn_iters, self.temperature = epsilon, sinkhorn_iters, temperature
         self.assign_weight, self.caption_weight, self.objective = assign_weight, caption_weight, objective
-        if caption_batch is not None and caption_batch < 1: raise ValueError(f"VLAP: caption_batch must be >= 1 or None, got {caption_batch}")
+        if caption_batch is not None and caption_batch < 1:
+            raise ValueError(f"VLAP: caption_batch must be >= 1 or None, got {caption_batch}")
         self.caption_batch = caption_batch
         self.register_buffer("prototypes", vocab_prototypes(lm, vocab_ids), persistent=False)
-        self.register_buffer("vocab_ids", torch.arange(lm.vocab_size) if vocab_ids is None else vocab_ids.clone(), persistent=False)
+        all_ids = torch.arange(lm.vocab_size) if vocab_ids is None else vocab_ids.clone()
+        self.register_buffer("vocab_ids", all_ids, persistent=False)
         if prior is not None and len(prior) != len(self.prototypes):
             raise ValueError(f"VLAP: prior has {len(prior)} entries for {len(self.prototypes)} prototypes")
         self.register_buffer("prior", None if prior is None else prior.float(), persistent=False)
         if text_mean is not None and tuple(text_mean.shape) != (lm.dim,):
             raise ValueError(f"VLAP: text_mean must have shape ({lm.dim},), got {tuple(text_mean.shape)}")
-        self.register_buffer("text_mean", None if text_mean is None else text_mean.detach().float().clone())   # saved with the map when set
-        self.register_buffer("prompt_ids", torch.tensor(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [], dtype=torch.long), persistent=False)
+        mean = None if text_mean is None else text_mean.detach().float().clone()
+        self.register_buffer("text_mean", mean)                     # saved with the map when set
+        prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long), persistent=False)
 
-    def train(self, mode: bool = True):
-        super().train(mode); self.lm.eval(); return self            # the LM stays in eval mode
+# %% ../nbs/21_vlap.ipynb #423c7f77
+@patch
+def train(self: VLAP, mode: bool = True):
+    "Train mode for the map; the LM stays in eval mode."
+    nn.Module.train(self, mode)
+    self.lm.eval()
+    return self
 
-    def visual_tokens(self, vision: Tensor) -> Tensor:
-        "Projected visual tokens [B, N, D] (N = 1 for pooled features)."
-        if vision.ndim == 2: vision = vision.unsqueeze(1)
-        if vision.ndim != 3: raise ValueError(f"VLAP: vision features must be [B, Dv] or [B, N, Dv], got {tuple(vision.shape)}")
-        if not torch.isfinite(vision).all(): raise ValueError("VLAP: vision features contain NaN/inf")
-        return self.proj(vision.to(self.proj.weight.dtype))
+# %% ../nbs/21_vlap.ipynb #962c4069
+@patch
+def visual_tokens(self: VLAP, vision: Tensor) -> Tensor:
+    "Projected visual tokens [B, N, D] (N = 1 for pooled features)."
+    if vision.ndim == 2: vision = vision.unsqueeze(1)
+    if vision.ndim != 3:
+        raise ValueError(f"VLAP: vision features must be [B, Dv] or [B, N, Dv], got {tuple(vision.shape)}")
+    if not torch.isfinite(vision).all(): raise ValueError("VLAP: vision features contain NaN/inf")
+    return self.proj(vision.to(self.proj.weight.dtype))
 
-    def embed_image(self, vision: Tensor) -> Tensor:
-        "Normalised mean projected visual token [B, D] (the LLM-space image vector)."
-        return F.normalize(self.visual_tokens(vision).mean(1), dim=-1)
+# %% ../nbs/21_vlap.ipynb #ebfd22df
+@patch
+def embed_image(self: VLAP, vision: Tensor) -> Tensor:
+    "Normalised mean projected visual token [B, D] (the LLM-space image vector)."
+    return F.normalize(self.visual_tokens(vision).mean(1), dim=-1)
 
-    def embed_text(self, text: Tensor) -> Tensor:
-        "Normalised caption feature [B, D], minus `text_mean` first when the mechanism holds one."
-        if not torch.isfinite(text).all(): raise ValueError("VLAP: text features contain NaN/inf")
-        text = text.to(self.prototypes.dtype)
-        if self.text_mean is not None: text = text - self.text_mean.to(text.device, text.dtype)
-        return F.normalize(text, dim=-1)
+# %% ../nbs/21_vlap.ipynb #aff17550
+@patch
+def embed_text(self: VLAP, text: Tensor) -> Tensor:
+    "Normalised caption feature [B, D], minus `text_mean` first when the mechanism holds one."
+    if not torch.isfinite(text).all(): raise ValueError("VLAP: text features contain NaN/inf")
+    text = text.to(self.prototypes.dtype)
+    if self.text_mean is not None: text = text - self.text_mean.to(text.device, text.dtype)
+    return F.normalize(text, dim=-1)
 
-    def scores(self, z: Tensor) -> Tensor:
-        "Cosine scores of normalised vectors [B, D] against the prototypes [B, K]."
-        return z @ self.prototypes.T
+# %% ../nbs/21_vlap.ipynb #8f0a53e4
+@patch
+def scores(self: VLAP, z: Tensor) -> Tensor:
+    "Cosine scores of normalised vectors [B, D] against the prototypes [B, K]."
+    return z @ self.prototypes.T
 
-    def loss(self, batch: dict) -> dict[str, Tensor]:
-        tokens = self.visual_tokens(batch["vision"])
-        zv, zt = F.normalize(tokens.mean(1), dim=-1), self.embed_text(batch["text"].to(tokens.device))
-        out = {}
-        if self.objective == "ot":
-            sv, st = self.scores(zv), self.scores(zt)
-            qv = assignments(sv, self.epsilon, self.sinkhorn_iters, self.prior)
-            qt = assignments(st, self.epsilon, self.sinkhorn_iters, self.prior)
-            out["assign"] = swapped_prediction_loss(sv, st, qv, qt, self.temperature)
-            with torch.no_grad(): out["agree"] = (sv.argmax(-1) == st.argmax(-1)).float().mean()
-        else:
-            logits = zv @ zt.T / self.temperature; y = torch.arange(len(zv), device=zv.device)
-            out["assign"] = 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y))
-        loss = self.assign_weight * out["assign"]
-        if self.caption_weight and "input_ids" in batch:
-            n = len(tokens) if self.caption_batch is None else min(self.caption_batch, len(tokens))   # the first n pairs go through the LLM
-            out["caption"] = prefix_caption_loss(self.lm, tokens[:n], batch["input_ids"][:n], batch["attention_mask"][:n], self.prompt_ids)
-            loss = loss + self.caption_weight * out["caption"]
-        out["loss"] = loss
-        return out
+# %% ../nbs/21_vlap.ipynb #db13b875
+@patch
+def assign_loss(self: VLAP, zv: Tensor, zt: Tensor) -> dict[str, Tensor]:
+    "The assignment term of normalised image and text vectors: swapped prediction (ot) or InfoNCE."
+    if self.objective != "ot":
+        return {"assign": symmetric_infonce(zv @ zt.T / self.temperature)}
+    sv, st = self.scores(zv), self.scores(zt)
+    qv = assignments(sv, self.epsilon, self.sinkhorn_iters, self.prior)
+    qt = assignments(st, self.epsilon, self.sinkhorn_iters, self.prior)
+    out = {"assign": swapped_prediction_loss(sv, st, qv, qt, self.temperature)}
+    with torch.no_grad():
+        out["agree"] = (sv.argmax(-1) == st.argmax(-1)).float().mean()
+    return out
 
-    @torch.no_grad()
-    def generate(self, vision: Tensor, max_new_tokens: int = 20, num_beams: int = 1, **kw) -> list[str]:
-        "Captions from the frozen LLM given the projected visual prefix + prompt: greedy (num_beams=1) or beam search."
-        tokens = self.visual_tokens(vision)
-        B = tokens.shape[0]
-        emb = self.lm.model.get_input_embeddings()
-        x = torch.cat([tokens, emb(self.prompt_ids.to(tokens.device)).unsqueeze(0).expand(B, -1, -1).to(tokens.dtype)], 1)
-        tok = self.lm.tokenizer
-        out = self.lm.model.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
-                                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+# %% ../nbs/21_vlap.ipynb #c6adc9c8
+@patch
+def loss(self: VLAP, batch: dict) -> dict[str, Tensor]:
+    "assign_weight x the assignment term (whole batch) + caption_weight x the captioning loss (first pairs)."
+    tokens = self.visual_tokens(batch["vision"])
+    zv, zt = F.normalize(tokens.mean(1), dim=-1), self.embed_text(batch["text"].to(tokens.device))
+    out = self.assign_loss(zv, zt)
+    loss = self.assign_weight * out["assign"]
+    if self.caption_weight and "input_ids" in batch:
+        # the first n pairs go through the LLM
+        n = len(tokens) if self.caption_batch is None else min(self.caption_batch, len(tokens))
+        ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
+        out["caption"] = prefix_caption_loss(self.lm, tokens[:n], ids, mask, self.prompt_ids)
+        loss = loss + self.caption_weight * out["caption"]
+    out["loss"] = loss
+    return out
+
+# %% ../nbs/21_vlap.ipynb #f457fec1
+@patch
+@torch.no_grad()
+def generate(self: VLAP, vision: Tensor, max_new_tokens: int = 20, num_beams: int = 1, **kw) -> list[str]:
+    "Captions from the frozen LLM given the projected visual prefix + prompt: greedy (num_beams=1) or beam."
+    tokens = self.visual_tokens(vision)
+    B = tokens.shape[0]
+    emb = self.lm.model.get_input_embeddings()
+    prompt = emb(self.prompt_ids.to(tokens.device)).unsqueeze(0).expand(B, -1, -1).to(tokens.dtype)
+    x = torch.cat([tokens, prompt], 1)
+    tok = self.lm.tokenizer
+    mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+    out = self.lm.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **kw)
+    return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 # %% ../nbs/21_vlap.ipynb #1ef9a3f8
 @torch.no_grad()
-def vlap_embeddings(mech: VLAP, vision: Tensor, text: Tensor, space: str = "embedding", batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    "Image and text vectors for retrieval: 'embedding' (normalised LLM-space vectors) or 'assignment' (softmax(scores/T))."
-    if space not in ("embedding", "assignment"): raise ValueError(f"vlap_embeddings: space must be 'embedding' or 'assignment', got {space!r}")
+def vlap_embeddings(mech: VLAP, vision: Tensor, text: Tensor, space: str = "embedding",
+                    batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    "Image and text vectors for retrieval: 'embedding' (normalised LLM-space vectors) or 'assignment'."
+    if space not in ("embedding", "assignment"):
+        raise ValueError(f"vlap_embeddings: space must be 'embedding' or 'assignment', got {space!r}")
     dev = mech.proj.weight.device
-    zi = torch.cat([mech.embed_image(vision[i:i + batch_size].to(dev)) for i in range(0, len(vision), batch_size)])
+    zi = torch.cat([mech.embed_image(vision[i:i + batch_size].to(dev))
+                    for i in range(0, len(vision), batch_size)])
     zt = mech.embed_text(text.to(dev))
-    if space == "assignment":
-        zi = torch.softmax(mech.scores(zi) / mech.temperature, -1); zt = torch.softmax(mech.scores(zt) / mech.temperature, -1)
+    if space == "assignment":          # the predicted assignments softmax(scores / T)
+        zi = torch.softmax(mech.scores(zi) / mech.temperature, -1)
+        zt = torch.softmax(mech.scores(zt) / mech.temperature, -1)
     return zi, zt
 
+# %% ../nbs/21_vlap.ipynb #cbff03e5
 @torch.no_grad()
-def assignment_scores(mech: VLAP, vision: Tensor, text: Tensor, epsilon: float | None = None, n_iters: int | None = None,
-                      batch_size: int = 256) -> Tensor:
-    """Image-caption scores [N images, M captions] in the assignment space: s_ij = sum_k q_jk log p_ik, with p_i = softmax(scores_i / T)
-    the image's predicted assignment and q_j the caption's Sinkhorn assignment over the gallery of M captions (minus the swapped-prediction loss term)."""
+def assignment_scores(mech: VLAP, vision: Tensor, text: Tensor, epsilon: float | None = None,
+                      n_iters: int | None = None, batch_size: int = 256) -> Tensor:
+    """Image-caption scores [N images, M captions] in the assignment space: s_ij = sum_k q_jk log p_ik, with
+    p_i = softmax(scores_i / T) the image's predicted assignment and q_j the caption's Sinkhorn assignment
+    over the gallery of M captions (minus the swapped-prediction loss term)."""
     zi, zt = vlap_embeddings(mech, vision, text, batch_size=batch_size)
-    q = assignments(mech.scores(zt), mech.epsilon if epsilon is None else epsilon, mech.sinkhorn_iters if n_iters is None else n_iters, mech.prior)
+    eps = mech.epsilon if epsilon is None else epsilon
+    q = assignments(mech.scores(zt), eps, mech.sinkhorn_iters if n_iters is None else n_iters, mech.prior)
     logp = torch.cat([F.log_softmax(mech.scores(z) / mech.temperature, -1) for z in zi.split(batch_size)])
     return logp @ q.T
