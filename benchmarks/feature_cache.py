@@ -8,7 +8,8 @@ Prints, measured in the same run and interleaved (A B A B ...) so that machine l
      and reading every row through the memory map) against recomputing them.
 
 Usage:  .venv/bin/python benchmarks/feature_cache.py [--n 128] [--batch-size 32] [--workers 1] [--reps 2]
-        (--n 0: all ~950 stamps). No wall-clock assert anywhere: the numbers are printed, not checked.
+        [--image-size S] (--n 0: all ~950 stamps; --image-size: encode at side S instead of the model's own,
+        `extract_features(image_size=S)`, with the bare forward on tensors preprocessed at the same side). No wall-clock assert anywhere: the numbers are printed, not checked.
 Wall-clock figures are only meaningful on an otherwise idle machine (the load average is printed); the CPU
 seconds per image (this process + its DataLoader workers) measure the work done and hold under load.
 """
@@ -37,12 +38,12 @@ def bare_forward(enc, x: torch.Tensor, batch_size: int) -> tuple[float, float]:
     return time.perf_counter() - t, _cpu() - c
 
 
-def pipeline(enc, recs, batch_size: int, workers: int, root: Path, pooling) -> tuple[float, float]:
+def pipeline(enc, recs, batch_size: int, workers: int, root: Path, pooling, image_size=None) -> tuple[float, float]:
     "(wall, CPU) seconds of `extract_features` into an empty cache folder."
     shutil.rmtree(root, ignore_errors=True)
     t, c = time.perf_counter(), _cpu()
     fc = extract_features(enc, recs, pooling=pooling, batch_size=batch_size, shard_size=1024, num_workers=workers,
-                          root=root, progress=False)
+                          root=root, progress=False, image_size=image_size)
     dt, dc = time.perf_counter() - t, _cpu() - c
     assert len(fc) + len([s for s in fc.skipped if s not in recs.skipped]) == len(recs)
     return dt, dc
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the pipeline")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--pooling", default="cls,mean")
+    ap.add_argument("--image-size", type=int, default=None, help="input side (default: the model's own)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = ap.parse_args()
     from vla_lit.models import load_vision
@@ -66,7 +68,8 @@ def main():
     # an evenly spaced subset, so PNG photos, clip art and SVG-only stamps are all represented
     recs = tux if a.n <= 0 or a.n >= len(tux) else tux.subset([tux[round(i * len(tux) / a.n)] for i in range(a.n)])
     n_svg = sum(str(r.image).endswith(".svg") for r in recs)
-    print(f"model {enc.name} ({enc.dim}-d, {enc.image_size}px), {len(recs)} Tux Paint stamps ({n_svg} SVG), "
+    side = a.image_size or enc.image_size
+    print(f"model {enc.name} ({enc.dim}-d, {side}px), {len(recs)} Tux Paint stamps ({n_svg} SVG), "
           f"batch {a.batch_size}, workers {a.workers}, pooling {pooling}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
@@ -76,7 +79,12 @@ def main():
     for r in recs:
         try: good.append(load_image(r))
         except vdata.BadInputError: pass
-    x = enc.preprocess(good)
+    own = enc.image_size
+    enc.image_size = side   # the bare forward gets tensors at the side the pipeline encodes at
+    try:
+        x = enc.preprocess(good)
+    finally:
+        enc.image_size = own
     decode_s = time.perf_counter() - t
     print(f"decode + preprocess of {len(good)} images in the main process: {decode_s:.1f} s "
           f"({len(good) / decode_s:.1f} img/s)")
@@ -87,7 +95,7 @@ def main():
     try:
         for rep in range(a.reps):
             w, c = bare_forward(enc, x, a.batch_size); bare.append(w); bare_c.append(c)
-            w, c = pipeline(enc, recs, a.batch_size, a.workers, tmp / "cache", pooling); pipe.append(w); pipe_c.append(c)
+            w, c = pipeline(enc, recs, a.batch_size, a.workers, tmp / "cache", pooling, a.image_size); pipe.append(w); pipe_c.append(c)
             print(f"  rep {rep}: bare forward {len(good) / bare[-1]:.2f} img/s ({bare_c[-1] / len(good):.3f} CPU s/img), "
                   f"pipeline {len(good) / pipe[-1]:.2f} img/s ({pipe_c[-1] / len(good):.3f} CPU s/img), "
                   f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -96,13 +104,13 @@ def main():
 
         # cold pipeline: SVG rasters not cached (the first pass a user ever makes over a new SVG set)
         vdata.SVG_RASTER_CACHE = False
-        cold_s, cold_cs = pipeline(enc, recs, a.batch_size, a.workers, tmp / "cold", pooling)
+        cold_s, cold_cs = pipeline(enc, recs, a.batch_size, a.workers, tmp / "cold", pooling, a.image_size)
         vdata.SVG_RASTER_CACHE = True
 
         # reading back: the repeat call (fingerprint of the records + manifest + shard sizes), then every row
         t = time.perf_counter()
         fc = extract_features(enc, recs, pooling=pooling, batch_size=a.batch_size, num_workers=a.workers,
-                              root=tmp / "cache", progress=False)
+                              root=tmp / "cache", progress=False, image_size=a.image_size)
         repeat_s = time.perf_counter() - t
         t = time.perf_counter()
         fc = FeatureCache(fc.path)
@@ -116,7 +124,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     n = len(good)
-    res = {"images": n, "batch_size": a.batch_size, "workers": a.workers, "reps": a.reps, "load_average": os.getloadavg()[0],
+    res = {"images": n, "image_size": side, "batch_size": a.batch_size, "workers": a.workers, "reps": a.reps, "load_average": os.getloadavg()[0],
            "bare_forward_img_s": n / bare_s, "pipeline_img_s": n / pipe_s, "pipeline_over_bare": bare_s / pipe_s,
            "bare_cpu_s_per_img": bare_cs / n, "pipeline_cpu_s_per_img": pipe_cs / n, "pipeline_cpu_over_bare_cpu": pipe_cs / bare_cs,
            "pipeline_cold_svg_cpu_over_bare_cpu": cold_cs / bare_cs,

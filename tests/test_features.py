@@ -5,7 +5,9 @@
 - two processes (no torchrun) extracting the same key at once: one computes, the other waits on the key's
   lock and reads the finished cache, and nothing is deleted under anyone's feet;
 - resume after the extracting process is killed (SIGKILL, no chance to clean up): finished shards are kept,
-  the rerun computes only the rest, and the result equals an uninterrupted run.
+  the rerun computes only the rest, and the result equals an uninterrupted run;
+- another input side (`image_size`) reaches the DataLoader worker processes, and the encoder's own side is
+  restored afterwards.
 The encoder is a stand-in (tiny, seeded random weights; NOT a pretrained model) so the tests run in seconds.
 """
 import importlib.util, json, os, signal, subprocess, sys, time
@@ -177,3 +179,18 @@ def test_two_processes_same_key_wait_for_each_other(tmp_path):
     shared = FeatureCache(key_dir)
     assert shared.verify() == [] and len(shared) == 22 and not list(key_dir.glob("*.tmp*"))
     _same(shared, alone)
+
+
+def test_image_size_reaches_workers_and_is_restored(tmp_path):
+    "At image_size=112, images preprocessed in worker processes give the main process's rows; the side is restored."
+    from vla_lit.data import tuxpaint
+    from vla_lit.features import extract_features
+    from vla_lit.models import load_vision
+    enc = load_vision("tiny-random-dinov2")  # tiny random weights, not pretrained
+    recs = tuxpaint()[:6]
+    kw = dict(pooling=("patches",), image_size=112, batch_size=3, progress=False)
+    a = extract_features(enc, recs, root=tmp_path / "w0", **kw)
+    b = extract_features(enc, recs, root=tmp_path / "w2", num_workers=2, **kw)
+    assert enc.image_size == 224
+    assert a.key == b.key and a.shapes["patches"] == (6, (112 // 14) ** 2, enc.dim)
+    assert torch.equal(a["patches"], b["patches"])

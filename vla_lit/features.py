@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_features.ipynb #88962ac1
 from __future__ import annotations
-import contextlib, hashlib, json, os, sys, time, warnings
+import contextlib, hashlib, json, math, os, sys, time, warnings
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no cross-process lock
 from dataclasses import dataclass
@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -21,67 +23,95 @@ from .data import BadInputError, Record, RecordSet, load_image
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'POOLINGS', 'sha256_file', 'records_fingerprint', 'texts_fingerprint', 'feature_key', 'FeatureCache',
-           'extract_features', 'extract_text_features']
+           'extract_features', 'caption_key', 'extract_text_features', 'pool_patch_grid']
 
 # %% ../nbs/03_features.ipynb #6d43ed82
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of every key and manifest: a new storage layout gets new keys
 
-def _sha256_bytes(b: bytes) -> str: return hashlib.sha256(b).hexdigest()
+# %% ../nbs/03_features.ipynb #61750988
+def _sha256_bytes(b: bytes) -> str:
+    "SHA-256 (hex) of `b`."
+    return hashlib.sha256(b).hexdigest()
 
+# %% ../nbs/03_features.ipynb #0285620d
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     "SHA-256 of a file's bytes, read in chunks."
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while (b := f.read(chunk)): h.update(b)
+        while (b := f.read(chunk)):
+            h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/03_features.ipynb #ba829195
 def _image_signature(path: str, content: bool) -> list:
+    "What identifies an image's bytes: [size, mtime_ns, member] or [SHA-256, member]; 'missing' if absent."
     file, _, member = str(path).partition("::")
     try:
         if content: return [sha256_file(file), member]
-        st = os.stat(file); return [st.st_size, st.st_mtime_ns, member]
-    except OSError: return ["missing", member]
+        st = os.stat(file)
+        return [st.st_size, st.st_mtime_ns, member]
+    except OSError:
+        return ["missing", member]
 
+# %% ../nbs/03_features.ipynb #c20fdf2a
 def records_fingerprint(records: Iterable[Record], content: bool = False) -> str:
     "SHA-256 over (id, image size + mtime, or image content hash) of every record, in order."
     h = hashlib.sha256()
-    for r in records: h.update(json.dumps([r.id, _image_signature(r.image, content)]).encode()); h.update(b"\n")
+    for r in records:
+        h.update(json.dumps([r.id, _image_signature(r.image, content)]).encode())
+        h.update(b"\n")
     return h.hexdigest()
 
+# %% ../nbs/03_features.ipynb #42c64350
 def texts_fingerprint(texts: Sequence[str]) -> str:
     "SHA-256 of the texts (in order)."
     return _sha256_bytes(json.dumps(list(texts), ensure_ascii=False).encode())
 
+# %% ../nbs/03_features.ipynb #058e7b78
 def feature_key(**parts) -> str:
     "The cache key: SHA-256 of the JSON of `parts` (model fingerprint, preprocessing, pooling, dtype, data)."
-    return _sha256_bytes(json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str).encode())[:32]
+    blob = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return _sha256_bytes(blob.encode())[:32]
 
 # %% ../nbs/03_features.ipynb #416c160f
 def _dist() -> tuple[int, int]:
+    "(rank, world size) under an initialised torch.distributed, else (0, 1)."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+# %% ../nbs/03_features.ipynb #45d9ecf3
 def _atomic_write(path: Path, write: Callable[[Path], None]):
+    "`write` to a temporary name, flush to disk, rename to `path`: the file is complete or absent."
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
 
+# %% ../nbs/03_features.ipynb #22e5cd9e
 def _shard_paths(root: Path, k: int) -> tuple[Path, Path]:
+    "The safetensors file and the JSON receipt of shard `k`."
     return root/f"shard-{k:05d}.safetensors", root/f"shard-{k:05d}.json"
 
-def _write_shard(root: Path, k: int, tensors: dict[str, torch.Tensor], ids: list[str], skipped: list) -> dict:
+# %% ../nbs/03_features.ipynb #2271d706
+def _write_shard(root: Path, k: int, tensors: dict[str, torch.Tensor], ids: list[str],
+                 skipped: list) -> dict:
+    "Write shard `k` (tensors + row ids), then its receipt; returns the receipt."
     f, receipt = _shard_paths(root, k)
     tensors = {n: t.contiguous() for n, t in tensors.items()}
-    _atomic_write(f, lambda p: save_file(tensors, str(p), metadata={"ids": json.dumps(ids, ensure_ascii=False)}))
-    info = {"file": f.name, "rows": len(ids), "bytes": f.stat().st_size, "sha256": sha256_file(f), "rank": _dist()[0], "skipped": skipped}
+    meta = {"ids": json.dumps(ids, ensure_ascii=False)}
+    _atomic_write(f, lambda p: save_file(tensors, str(p), metadata=meta))
+    info = {"file": f.name, "rows": len(ids), "bytes": f.stat().st_size, "sha256": sha256_file(f),
+            "rank": _dist()[0], "skipped": skipped}
     _atomic_write(receipt, lambda p: p.write_text(json.dumps(info, ensure_ascii=False)))
     return info
 
+# %% ../nbs/03_features.ipynb #c0a1b95d
 def _shard_ok(root: Path, k: int, verify: bool) -> dict | None:
+    "The receipt of shard `k` if the shard is done (same size; same SHA-256 when `verify`), else None."
     f, receipt = _shard_paths(root, k)
     try: info = json.loads(receipt.read_text())
     except (OSError, json.JSONDecodeError): return None
@@ -95,18 +125,17 @@ class FeatureCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         mf = self.path/"manifest.json"
-        if not mf.is_file(): raise FileNotFoundError(f"{self.path} holds no finished feature set (no manifest.json)")
+        if not mf.is_file():
+            raise FileNotFoundError(f"{self.path} holds no finished feature set (no manifest.json)")
         self.manifest = json.loads(mf.read_text())
         self.shards = self.manifest["shards"]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self._handles: dict[int, Any] = {}
         self._ids: list[str] | None = None
+        self._pos: dict[str, int] | None = None
 
     def __getstate__(self): return {**self.__dict__, "_handles": {}}
     def __len__(self): return int(self.offsets[-1])
-    def __repr__(self):
-        return (f"FeatureCache({self.kind}, {len(self)} rows, {self.names}, {len(self.shards)} shards, "
-                f"{len(self.skipped)} skipped, key={self.key})")
     @property
     def key(self) -> str: return self.manifest["key"]
     @property
@@ -116,267 +145,567 @@ class FeatureCache:
     @property
     def skipped(self) -> list[tuple[str, str]]: return [tuple(s) for s in self.manifest["skipped"]]
     @property
-    def shapes(self) -> dict[str, tuple]: return {n: (len(self), *v["row_shape"]) for n, v in self.manifest["tensors"].items()}
+    def shapes(self) -> dict[str, tuple]:
+        return {n: (len(self), *v["row_shape"]) for n, v in self.manifest["tensors"].items()}
 
-    def _h(self, k: int):
-        if k not in self._handles:
-            f = self.path/self.shards[k]["file"]
-            if not f.is_file() or f.stat().st_size != self.shards[k]["bytes"]:
-                raise BadInputError(f"{f}: shard missing or truncated (expected {self.shards[k]['bytes']} bytes); "
-                                    "rerun the extraction to recompute it")
-            self._handles[k] = safe_open(str(f), framework="pt")
-        return self._handles[k]
-
-    @property
-    def ids(self) -> list[str]:
-        "Row ids (record ids; `<record id>#<k>` for the k-th caption of a record)."
-        if self._ids is None:
-            self._ids = [i for k in range(len(self.shards)) for i in json.loads(self._h(k).metadata()["ids"])]
-        return self._ids
-
-    def get(self, name: str, rows: int | slice | Sequence[int] | None = None) -> torch.Tensor:
-        "Rows `rows` (all when None) of tensor `name`; only those rows are read from disk."
-        if name not in self.manifest["tensors"]: raise KeyError(f"{name!r} not in this cache; it has {self.names}")
-        if rows is None or isinstance(rows, slice):
-            start, stop, step = (rows or slice(None)).indices(len(self))
-            if step != 1: return self.get(name, list(range(start, stop, step)))
-            parts = []
-            for k in range(len(self.shards)):
-                a, b = max(start, self.offsets[k]), min(stop, self.offsets[k+1])
-                if a < b: parts.append(self._h(k).get_slice(name)[int(a - self.offsets[k]):int(b - self.offsets[k])])
-            if not parts: return torch.empty(0, *self.manifest["tensors"][name]["row_shape"])
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
-        scalar = isinstance(rows, (int, np.integer))
-        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)): raise IndexError(f"row out of range for {len(self)} rows")
-        rows = np.where(rows < 0, rows + len(self), rows)
-        ks = np.searchsorted(self.offsets, rows, side="right") - 1
-        out = [self._h(int(k)).get_slice(name)[int(r - self.offsets[k]):int(r - self.offsets[k]) + 1] for r, k in zip(rows, ks)]
-        t = torch.cat(out) if out else torch.empty(0, *self.manifest["tensors"][name]["row_shape"])
-        return t[0] if scalar else t
-
-    def __getitem__(self, name: str) -> torch.Tensor: return self.get(name)
-
-    def batches(self, names: Sequence[str] | str, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> Iterator[dict]:
-        "Iterate over dicts {name: [b, ...]} (plus 'row'); shuffled by `seed` if asked. Memory: one batch."
-        names = [names] if isinstance(names, str) else list(names)
-        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
-        for s in range(0, len(self), batch_size):
-            rows = order[s:s+batch_size]
-            if not shuffle: yield {"row": torch.as_tensor(rows), **{n: self.get(n, slice(int(rows[0]), int(rows[-1]) + 1)) for n in names}}
-            else: yield {"row": torch.as_tensor(rows), **{n: self.get(n, rows) for n in names}}
-
-    def dataset(self, names: Sequence[str] | str) -> "torch.utils.data.Dataset":
-        "A map-style torch Dataset of dicts {name: row tensor} (for a DataLoader; workers reopen the shards)."
-        return _CacheDataset(self, [names] if isinstance(names, str) else list(names))
-
-    def verify(self) -> list[str]:
-        "Files whose size or SHA-256 differs from the manifest (empty when the cache is intact)."
-        bad = []
-        for s in self.shards:
-            f = self.path/s["file"]
-            if not f.is_file() or f.stat().st_size != s["bytes"] or sha256_file(f) != s["sha256"]: bad.append(str(f))
-        return bad
-
-class _CacheDataset(torch.utils.data.Dataset):
-    def __init__(self, cache: FeatureCache, names: list[str]): self.cache, self.names = cache, names
-    def __len__(self): return len(self.cache)
-    def __getitem__(self, i): return {n: self.cache.get(n, int(i)) for n in self.names}
+# %% ../nbs/03_features.ipynb #79b6b2a0
+@patch
+def __repr__(self: FeatureCache) -> str:
+    return (f"FeatureCache({self.kind}, {len(self)} rows, {self.names}, {len(self.shards)} shards, "
+            f"{len(self.skipped)} skipped, key={self.key})")
 
 # %% ../nbs/03_features.ipynb #b4eb55e6
 def _extract(kind: str, key: str, key_parts: dict, n: int, shard_size: int,
              produce: Callable[[list[tuple[int, int, int]]], Iterator[tuple[int, dict, list, list]]],
              pre_skipped: list, root: str | Path | None, recompute: bool, verify: bool) -> FeatureCache:
+    "The cache of `key` (in `root`, else the default cache): reused if finished, else computed by `produce`."
     if shard_size <= 0: raise ValueError(f"shard_size must be > 0, got {shard_size}")
     rank, world = _dist()
     out = Path(root)/key if root is not None else cache_dir("features", key)
     out.mkdir(parents=True, exist_ok=True)
     with _key_lock(out, world):
-        return _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out, recompute, verify, rank, world)
+        return _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out, recompute,
+                               verify, rank, world)
 
+# %% ../nbs/03_features.ipynb #1ba42ecc
 @contextlib.contextmanager
 def _key_lock(out: Path, world: int):
     "Outside torchrun, one process at a time extracts a key; another waits (and then finds the cache)."
-    if world > 1 or fcntl is None: yield; return
+    if world > 1 or fcntl is None:
+        yield
+        return
     with open(out/".lock", "a") as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process that is extracting the same features ({out}) ...", file=sys.stderr, flush=True)
+            msg = f"waiting for another process that is extracting the same features ({out}) ..."
+            print(msg, file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-def _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out: Path, recompute, verify, rank, world):
+# %% ../nbs/03_features.ipynb #07678a2f
+def _finished_cache(out: Path, recompute: bool, verify: bool, rank: int, world: int) -> FeatureCache | None:
+    "The finished cache in `out` if its shards are intact (a bad one drops the manifest); None to compute."
     mf = out/"manifest.json"
     if rank == 0 and recompute and mf.exists(): mf.unlink()
     if world > 1: dist.barrier()
-    if mf.exists():
-        cache = FeatureCache(out)
-        if all(_shard_ok(out, k, verify) for k in range(len(cache.shards))): return cache
-        if rank == 0: mf.unlink(missing_ok=True)
-        if world > 1: dist.barrier()
-    ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
+    if not mf.exists(): return None
+    cache = FeatureCache(out)
+    if all(_shard_ok(out, k, verify) for k in range(len(cache.shards))): return cache
+    if rank == 0: mf.unlink(missing_ok=True)
+    if world > 1: dist.barrier()
+    return None
+
+# %% ../nbs/03_features.ipynb #59b6c6ff
+def _todo_shards(out: Path, ranges: list, recompute: bool, rank: int, world: int) -> list:
+    "This rank's shards still to compute; removes their temporary leftovers and unfinished files first."
     mine = [r for r in ranges if r[0] % world == rank]
     for k, _, _ in mine:  # leftovers of a killed writer
-        for p in out.glob(f"shard-{k:05d}.*.tmp*"): p.unlink(missing_ok=True)
+        for p in out.glob(f"shard-{k:05d}.*.tmp*"):
+            p.unlink(missing_ok=True)
     todo = [r for r in mine if recompute or not _shard_ok(out, r[0], verify=True)]
     for k, _, _ in todo:
-        for p in _shard_paths(out, k): p.unlink(missing_ok=True)
-    names_shapes: dict = {}
+        for p in _shard_paths(out, k):
+            p.unlink(missing_ok=True)
+    return todo
+
+# %% ../nbs/03_features.ipynb #7cd4d074
+def _tensor_shapes(out: Path, infos: list[dict]) -> dict:
+    "Row shape and dtype of every tensor, read from the first non-empty shard ({} when all are empty)."
+    for info in infos:
+        if info["rows"]:
+            with safe_open(str(out/info["file"]), framework="pt") as h:
+                sl = {nm: h.get_slice(nm) for nm in h.keys()}
+                return {nm: {"row_shape": list(s.get_shape()[1:]), "dtype": str(s.get_dtype())}
+                        for nm, s in sl.items()}
+    return {}
+
+# %% ../nbs/03_features.ipynb #a4f82ce1
+def _write_manifest(out: Path, kind: str, key: str, key_parts: dict, ranges: list, pre_skipped: list):
+    "Rank 0, once every shard is done: check that all are there, then write `manifest.json` atomically."
+    infos = [_shard_ok(out, k, verify=False) for k, _, _ in ranges]
+    missing = [k for k, info in zip(range(len(ranges)), infos) if info is None]
+    if missing: raise RuntimeError(f"{out}: shards {missing} are missing after extraction (a rank failed?)")
+    manifest = {"format": FORMAT_VERSION, "kind": kind, "key": key, "key_parts": key_parts,
+                "rows": sum(i["rows"] for i in infos), "tensors": _tensor_shapes(out, infos),
+                "shards": [{k: v for k, v in i.items() if k != "skipped"} for i in infos],
+                "skipped": [list(s) for s in pre_skipped] + [s for i in infos for s in i["skipped"]],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    text = json.dumps(manifest, indent=1, ensure_ascii=False)
+    _atomic_write(out/"manifest.json", lambda p: p.write_text(text))
+
+# %% ../nbs/03_features.ipynb #b11e58ce
+def _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out: Path, recompute, verify,
+                    rank, world) -> FeatureCache:
+    "Under the key's lock: the finished cache if intact, else this rank's missing shards, then the manifest."
+    cached = _finished_cache(out, recompute, verify, rank, world)
+    if cached is not None: return cached
+    ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
+    todo = _todo_shards(out, ranges, recompute, rank, world)
     for k, tensors, ids, skipped in produce(todo):  # each shard is written as soon as it is complete
         _write_shard(out, k, tensors, ids, skipped)
     if world > 1: dist.barrier()
-    if rank == 0:
-        infos = [_shard_ok(out, k, verify=False) for k, _, _ in ranges]
-        missing = [k for k, info in zip(range(len(ranges)), infos) if info is None]
-        if missing: raise RuntimeError(f"{out}: shards {missing} are missing after extraction (a rank failed?)")
-        for info in infos:
-            if info["rows"]:
-                with safe_open(str(out/info["file"]), framework="pt") as h:
-                    names_shapes = {nm: {"row_shape": list(h.get_slice(nm).get_shape()[1:]), "dtype": str(h.get_slice(nm).get_dtype())}
-                                    for nm in h.keys()}
-                break
-        manifest = {"format": FORMAT_VERSION, "kind": kind, "key": key, "key_parts": key_parts, "rows": sum(i["rows"] for i in infos),
-                    "tensors": names_shapes, "shards": [{k: v for k, v in i.items() if k != "skipped"} for i in infos],
-                    "skipped": [list(s) for s in pre_skipped] + [s for i in infos for s in i["skipped"]],
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write(mf, lambda p: p.write_text(json.dumps(manifest, indent=1, ensure_ascii=False)))
+    if rank == 0: _write_manifest(out, kind, key, key_parts, ranges, pre_skipped)
     if world > 1: dist.barrier()
     return FeatureCache(out)
 
-# %% ../nbs/03_features.ipynb #0640f811
-POOLINGS = ("cls", "mean", "patches")
+# %% ../nbs/03_features.ipynb #07c25f4e
+@patch
+def _h(self: FeatureCache, k: int):
+    "The `safe_open` handle of shard `k` (opened on first use; a missing or truncated shard is refused)."
+    if k not in self._handles:
+        f = self.path/self.shards[k]["file"]
+        if not f.is_file() or f.stat().st_size != self.shards[k]["bytes"]:
+            raise BadInputError(f"{f}: shard missing or truncated (expected {self.shards[k]['bytes']} "
+                                "bytes); rerun the extraction to recompute it")
+        self._handles[k] = safe_open(str(f), framework="pt")
+    return self._handles[k]
 
+# %% ../nbs/03_features.ipynb #7b9a07ed
+@patch(as_prop=True)
+def ids(self: FeatureCache) -> list[str]:
+    "Row ids (record ids; `<record id>#<k>` for the k-th caption of a record)."
+    if self._ids is None:
+        self._ids = [i for k in range(len(self.shards)) for i in json.loads(self._h(k).metadata()["ids"])]
+    return self._ids
+
+# %% ../nbs/03_features.ipynb #735fa842
+@patch
+def _get_range(self: FeatureCache, name: str, start: int, stop: int) -> torch.Tensor:
+    "Rows start:stop of tensor `name`, read shard by shard."
+    parts = []
+    for k in range(len(self.shards)):
+        a, b = max(start, self.offsets[k]), min(stop, self.offsets[k+1])
+        if a < b:
+            parts.append(self._h(k).get_slice(name)[int(a - self.offsets[k]):int(b - self.offsets[k])])
+    if not parts: return torch.empty(0, *self.manifest["tensors"][name]["row_shape"])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+# %% ../nbs/03_features.ipynb #e0d42665
+@patch
+def _get_rows(self: FeatureCache, name: str, rows: np.ndarray) -> torch.Tensor:
+    "Rows `rows` (int64 array; negative from the end) of tensor `name`, one read per row."
+    if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+        raise IndexError(f"row out of range for {len(self)} rows")
+    rows = np.where(rows < 0, rows + len(self), rows)
+    ks = np.searchsorted(self.offsets, rows, side="right") - 1
+    out = []
+    for r, k in zip(rows, ks):
+        local = int(r - self.offsets[k])
+        out.append(self._h(int(k)).get_slice(name)[local:local + 1])
+    return torch.cat(out) if out else torch.empty(0, *self.manifest["tensors"][name]["row_shape"])
+
+# %% ../nbs/03_features.ipynb #4562f197
+@patch
+def get(self: FeatureCache, name: str, rows: int | slice | Sequence[int] | None = None) -> torch.Tensor:
+    "Rows `rows` (all when None) of tensor `name`; only those rows are read from disk."
+    if name not in self.manifest["tensors"]:
+        raise KeyError(f"{name!r} not in this cache; it has {self.names}")
+    if rows is None or isinstance(rows, slice):
+        start, stop, step = (rows or slice(None)).indices(len(self))
+        if step != 1: return self.get(name, list(range(start, stop, step)))
+        return self._get_range(name, start, stop)
+    scalar = isinstance(rows, (int, np.integer))
+    t = self._get_rows(name, np.atleast_1d(np.asarray(rows, dtype=np.int64)))
+    return t[0] if scalar else t
+
+# %% ../nbs/03_features.ipynb #27687e43
+@patch
+def __getitem__(self: FeatureCache, name: str) -> torch.Tensor:
+    "All rows of tensor `name`."
+    return self.get(name)
+
+# %% ../nbs/03_features.ipynb #d786f286
+@patch
+def batches(self: FeatureCache, names: Sequence[str] | str, batch_size: int = 256, shuffle: bool = False,
+            seed: int = 0) -> Iterator[dict]:
+    "Iterate over dicts {name: [b, ...]} (plus 'row'); shuffled by `seed` if asked. Memory: one batch."
+    names = [names] if isinstance(names, str) else list(names)
+    order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+    for s in range(0, len(self), batch_size):
+        rows = order[s:s+batch_size]
+        sel = rows if shuffle else slice(int(rows[0]), int(rows[-1]) + 1)
+        yield {"row": torch.as_tensor(rows), **{n: self.get(n, sel) for n in names}}
+
+# %% ../nbs/03_features.ipynb #3e556e9f
+class _CacheDataset(torch.utils.data.Dataset):
+    "Map-style dataset over a FeatureCache: item i is {name: row i}."
+    def __init__(self, cache: FeatureCache, names: list[str]):
+        self.cache, self.names = cache, names
+    def __len__(self): return len(self.cache)
+    def __getitem__(self, i): return {n: self.cache.get(n, int(i)) for n in self.names}
+
+# %% ../nbs/03_features.ipynb #4e4c3566
+@patch
+def dataset(self: FeatureCache, names: Sequence[str] | str) -> "torch.utils.data.Dataset":
+    "A map-style torch Dataset of dicts {name: row tensor} (for a DataLoader; workers reopen the shards)."
+    return _CacheDataset(self, [names] if isinstance(names, str) else list(names))
+
+# %% ../nbs/03_features.ipynb #b7013f86
+@patch
+def verify(self: FeatureCache) -> list[str]:
+    "Files whose size or SHA-256 differs from the manifest (empty when the cache is intact)."
+    bad = []
+    for s in self.shards:
+        f = self.path/s["file"]
+        if not f.is_file() or f.stat().st_size != s["bytes"] or sha256_file(f) != s["sha256"]:
+            bad.append(str(f))
+    return bad
+
+# %% ../nbs/03_features.ipynb #dd1364c9
+@patch
+def _row_of(self: FeatureCache) -> dict[str, int]:
+    "id -> row number (the first row of a repeated id), built once."
+    if self._pos is None:
+        self._pos = {}
+        for n, i in enumerate(self.ids):
+            self._pos.setdefault(i, n)
+    return self._pos
+
+# %% ../nbs/03_features.ipynb #4cb54380
+@patch
+def rows(self: FeatureCache, ids: Sequence[str]) -> np.ndarray:
+    "Row numbers of the rows with ids `ids`, in that order; a KeyError names the ids the cache lacks."
+    if isinstance(ids, str): raise TypeError(f"rows takes a sequence of ids, got the string {ids!r}")
+    ids = list(ids)
+    pos = self._row_of()
+    missing = [i for i in ids if i not in pos]
+    if missing: raise KeyError(f"{len(missing)} of {len(ids)} ids not in this cache, e.g. {missing[:5]}")
+    return np.array([pos[i] for i in ids], dtype=np.int64)
+
+# %% ../nbs/03_features.ipynb #9c60bc50
+@patch
+def take(self: FeatureCache, name: str, ids: Sequence[str]) -> torch.Tensor:
+    "Rows of tensor `name` for the row ids `ids`, in that order (`caption_key(id, j)` for text captions)."
+    return self.get(name, self.rows(ids))
+
+# %% ../nbs/03_features.ipynb #f76b834b
+@patch
+def has(self: FeatureCache, row_id: str) -> bool:
+    "Whether the cache holds a row with id `row_id` (a skipped item has none)."
+    return row_id in self._row_of()
+
+# %% ../nbs/03_features.ipynb #0640f811
+POOLINGS = ("cls", "mean", "patches")  # the vision poolings extract_features can store
+
+# %% ../nbs/03_features.ipynb #741b26bb
 class _ImageSource(torch.utils.data.Dataset):
     "Decodes + preprocesses one record (in a DataLoader worker); a bad image becomes an error string."
     def __init__(self, records, preprocess): self.records, self.preprocess = records, preprocess
     def __len__(self): return len(self.records)
     def __getitem__(self, i):
-        try: return i, self.preprocess([load_image(self.records[i])])[0], None
-        except BadInputError as e: return i, None, str(e)
+        try:
+            return i, self.preprocess([load_image(self.records[i])])[0], None
+        except BadInputError as e:
+            return i, None, str(e)
 
+# %% ../nbs/03_features.ipynb #7aa4eb75
 def _collate(items):
+    "(positions of the good items, their stacked pixels or None, [(position, error)] of the bad ones)."
     good = [(i, x) for i, x, e in items if x is not None]
     return ([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
             [(i, e) for i, x, e in items if x is None])
 
+# %% ../nbs/03_features.ipynb #a29cf44f
 class _ShardBatches(torch.utils.data.Sampler):
-    def __init__(self, todo, batch_size): self.batches = [list(range(b, min(b + batch_size, stop))) for _, start, stop in todo for b in range(start, stop, batch_size)]
+    "Batches of item positions, shard after shard, none crossing a shard boundary."
+    def __init__(self, todo, batch_size):
+        self.batches = [list(range(b, min(b + batch_size, stop))) for _, start, stop in todo
+                        for b in range(start, stop, batch_size)]
     def __iter__(self): return iter(self.batches)
     def __len__(self): return len(self.batches)
 
+# %% ../nbs/03_features.ipynb #d697e535
 def _encoder_place(encoder) -> tuple[torch.device, torch.dtype]:
+    "Device and dtype of the encoder's first parameter (CPU, float32 when it has none)."
     p = next(iter(encoder.parameters()), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
+# %% ../nbs/03_features.ipynb #ba5eb343
 def _as_dtype(d) -> torch.dtype | None:
+    "A torch dtype from a dtype or a name ('bf16', 'fp16', ...); None stays None."
     return None if d is None else default_dtype("cpu", d)
 
-def extract_features(encoder, records: RecordSet | Sequence[Record], pooling: Sequence[str] = ("cls", "mean"),
-                     batch_size: int = 32, shard_size: int = 1024, num_workers: int = 0, dtype=None, store_dtype=None,
-                     strict: bool = False, progress: bool = True, recompute: bool = False, verify: bool = False,
-                     content_hash: bool = False, root: str | Path | None = None) -> FeatureCache:
-    "Run a frozen vision encoder over `records` once; sharded, fingerprinted, resumable cache of `pooling` features."
+# %% ../nbs/03_features.ipynb #42b2293f
+def _check_image_size(encoder, side: int | None):
+    "A usable side: positive, a multiple of the encoder's patch size, and an encoder with `.image_size`."
+    if side is None: return
+    if not hasattr(encoder, "image_size"):
+        raise ValueError("image_size: the encoder has no .image_size to set")
+    p = getattr(encoder, "patch_size", None) or 1
+    if side <= 0 or side % p:
+        raise ValueError(f"image_size {side} is not a positive multiple of the patch size {p}")
+
+# %% ../nbs/03_features.ipynb #24dfb354
+def _check_pixels(x: torch.Tensor, side: int | None):
+    "The preprocessed batch has the requested side (None: nothing asked)."
+    if side is None or tuple(x.shape[-2:]) == (side, side): return
+    got = tuple(x.shape[-2:])
+    raise ValueError(f"image_size {side} asked, but the encoder's preprocess gave {got} pixels "
+                     "(it does not follow .image_size, e.g. a Hugging Face image processor)")
+
+# %% ../nbs/03_features.ipynb #45b7d40b
+@contextlib.contextmanager
+def _encoder_image_size(encoder, side: int | None):
+    "`encoder.image_size` is `side` inside the block, restored afterwards even on error (None: untouched)."
+    if side is None:
+        yield
+        return
+    old = encoder.image_size
+    encoder.image_size = side
+    try:
+        yield
+    finally:
+        encoder.image_size = old
+
+# %% ../nbs/03_features.ipynb #6cba5511
+@dataclass
+class _VisionRun:
+    "One vision extraction's settings, shared by the functions that produce its shards."
+    encoder: Any
+    records: list
+    pooling: tuple
+    batch_size: int
+    num_workers: int
+    device: torch.device
+    pdtype: torch.dtype
+    cdtype: torch.dtype
+    sdtype: torch.dtype
+    strict: bool
+    progress: bool
+    side: int | None = None
+
+# %% ../nbs/03_features.ipynb #6bef76ea
+def _image_loader(run: _VisionRun, todo: list) -> torch.utils.data.DataLoader:
+    "Batches of decoded, preprocessed images for the shards `todo` (never across a shard boundary)."
+    kw = dict(num_workers=run.num_workers, collate_fn=_collate,
+              batch_sampler=_ShardBatches(todo, run.batch_size), pin_memory=run.device.type == "cuda")
+    if run.num_workers > 0:
+        kw.update(prefetch_factor=4, persistent_workers=False)
+        if "fork" in torch.multiprocessing.get_all_start_methods(): kw["multiprocessing_context"] = "fork"
+    return torch.utils.data.DataLoader(_ImageSource(run.records, run.encoder.preprocess), **kw)
+
+# %% ../nbs/03_features.ipynb #6f968f7a
+def _pooled(run: _VisionRun, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    "Forward one preprocessed batch: the poolings of `run`, on the CPU in the store dtype."
+    _check_pixels(x, run.side)
+    autocast = run.cdtype != run.pdtype
+    with torch.inference_mode(), torch.autocast(run.device.type, run.cdtype, enabled=autocast):
+        out = run.encoder(x.to(run.device, run.pdtype if not autocast else x.dtype, non_blocking=True))
+    cls, patches = (out.cls, out.patches) if hasattr(out, "cls") else (out[0], out[1])
+    mean = patches.float().mean(1) if "mean" in run.pooling else None
+    feats = {"cls": cls, "mean": mean, "patches": patches}
+    return {n: feats[n].to("cpu", run.sdtype) for n in run.pooling}
+
+# %% ../nbs/03_features.ipynb #0d573bf3
+def _stack_rows(parts: list, name: str, D: int | None, dtype: torch.dtype) -> torch.Tensor:
+    "A shard's batches of pooling `name` as one tensor; an empty shard gets an empty one of the right rank."
+    if parts: return torch.cat(parts)
+    return torch.empty(0, *([D] if name != "patches" else [0, D]), dtype=dtype)
+
+# %% ../nbs/03_features.ipynb #67653209
+def _vision_shard(run: _VisionRun, k: int, size: int, it: Iterator, bar) -> tuple[int, dict, list, list]:
+    "Shard `k`: encode its `size` items from the batch iterator `it` -> (k, tensors, ids, skipped)."
+    acc = {n: [] for n in run.pooling}
+    idx, skipped, seen = [], [], 0
+    while seen < size:
+        good, x, bad = next(it)
+        seen += len(good) + len(bad)
+        for i, e in bad:
+            if run.strict: raise BadInputError(e)
+            skipped.append([str(run.records[i].image), e])
+        if x is not None:
+            for n, t in _pooled(run, x).items():
+                acc[n].append(t)
+            idx += good
+        bar.update(len(good) + len(bad))
+    D = getattr(run.encoder, "dim", None)
+    tensors = {n: _stack_rows(acc[n], n, D, run.sdtype) for n in run.pooling}
+    tensors["index"] = torch.tensor(idx, dtype=torch.int64)
+    return k, tensors, [run.records[i].id for i in idx], skipped
+
+# %% ../nbs/03_features.ipynb #4623a65d
+def _vision_shards(run: _VisionRun, todo: list) -> Iterator[tuple[int, dict, list, list]]:
+    "The `produce` of a vision extraction: the shards of `todo` in turn, each as soon as it is complete."
+    if not todo: return
+    loader = _image_loader(run, todo)
+    total = sum(stop - start for _, start, stop in todo)
+    name = getattr(run.encoder, "name", type(run.encoder).__name__)
+    bar = tqdm(total=total, desc=f"features {name}", unit="img", disable=not run.progress or _dist()[0] != 0)
+    it = iter(loader)
+    try:
+        for k, start, stop in todo:
+            yield _vision_shard(run, k, stop - start, it, bar)
+    finally:
+        bar.close()
+        del it
+
+# %% ../nbs/03_features.ipynb #0ab99d90
+def _vision_key_parts(encoder, records: list, pooling: tuple, cdtype: torch.dtype, sdtype: torch.dtype,
+                      content_hash: bool, image_size: int | None) -> dict:
+    "What vision features depend on: model, preprocessing (with the input side), pooling, dtypes, data."
+    prep = {a: getattr(encoder, a, None) for a in ("image_size", "patch_size", "mean", "std")}
+    if image_size is not None: prep["image_size"] = int(image_size)
+    prep |= {"processor": type(getattr(encoder, "processor", None)).__name__,
+             "load_image": "rgba-over-white,svg<=512"}
+    return dict(kind="vision", model=encoder.fingerprint, preprocess=prep, pooling=sorted(pooling),
+                compute_dtype=str(cdtype), store_dtype=str(sdtype),
+                data=records_fingerprint(records, content_hash), n=len(records))
+
+# %% ../nbs/03_features.ipynb #bb9a3ea3
+def extract_features(encoder, records: RecordSet | Sequence[Record],
+                     pooling: Sequence[str] = ("cls", "mean"), batch_size: int = 32, shard_size: int = 1024,
+                     num_workers: int = 0, dtype=None, store_dtype=None, strict: bool = False,
+                     progress: bool = True, recompute: bool = False, verify: bool = False,
+                     content_hash: bool = False, root: str | Path | None = None,
+                     image_size: int | None = None) -> FeatureCache:
+    "Run a frozen vision encoder over `records` once: sharded, fingerprinted, resumable cache of `pooling`."
     pooling = tuple(pooling)
-    if not pooling or set(pooling) - set(POOLINGS): raise ValueError(f"pooling must be a non-empty subset of {POOLINGS}, got {pooling}")
+    if not pooling or set(pooling) - set(POOLINGS):
+        raise ValueError(f"pooling must be a non-empty subset of {POOLINGS}, got {pooling}")
+    _check_image_size(encoder, image_size)
     pre_skipped = list(getattr(records, "skipped", []))
     records = list(records)
     device, pdtype = _encoder_place(encoder)
     cdtype = _as_dtype(dtype) or pdtype
     sdtype = _as_dtype(store_dtype) or cdtype
-    prep = {a: getattr(encoder, a, None) for a in ("image_size", "patch_size", "mean", "std")}
-    prep |= {"processor": type(getattr(encoder, "processor", None)).__name__, "load_image": "rgba-over-white,svg<=512"}
-    parts = dict(kind="vision", model=encoder.fingerprint, preprocess=prep, pooling=sorted(pooling), compute_dtype=str(cdtype),
-                 store_dtype=str(sdtype), data=records_fingerprint(records, content_hash), n=len(records))
-    key = feature_key(**parts)
-    rank = _dist()[0]
+    parts = _vision_key_parts(encoder, records, pooling, cdtype, sdtype, content_hash, image_size)
+    run = _VisionRun(encoder, records, pooling, batch_size, num_workers, device, pdtype, cdtype, sdtype,
+                     strict, progress, image_size)
+    with _encoder_image_size(encoder, image_size):
+        return _extract("vision", feature_key(**parts), parts, len(records), shard_size,
+                        lambda todo: _vision_shards(run, todo), pre_skipped, root, recompute, verify)
 
-    def produce(todo):
-        if not todo: return
-        src = _ImageSource(records, encoder.preprocess)
-        kw = dict(num_workers=num_workers, collate_fn=_collate, batch_sampler=_ShardBatches(todo, batch_size),
-                  pin_memory=device.type == "cuda")
-        if num_workers > 0:
-            kw.update(prefetch_factor=4, persistent_workers=False)
-            if "fork" in torch.multiprocessing.get_all_start_methods(): kw["multiprocessing_context"] = "fork"
-        loader = torch.utils.data.DataLoader(src, **kw)
-        total = sum(stop - start for _, start, stop in todo)
-        bar = tqdm(total=total, desc=f"features {getattr(encoder, 'name', type(encoder).__name__)}", unit="img",
-                   disable=not progress or rank != 0)
-        autocast = cdtype != pdtype
-        it = iter(loader)
-        try:
-            for k, start, stop in todo:
-                acc = {n: [] for n in pooling}; idx, skipped, seen = [], [], 0
-                while seen < stop - start:
-                    good, x, bad = next(it)
-                    seen += len(good) + len(bad)
-                    for i, e in bad:
-                        if strict: raise BadInputError(e)
-                        skipped.append([str(records[i].image), e])
-                    if x is not None:
-                        with torch.inference_mode(), torch.autocast(device.type, cdtype, enabled=autocast):
-                            out = encoder(x.to(device, pdtype if not autocast else x.dtype, non_blocking=True))
-                        cls, patches = (out.cls, out.patches) if hasattr(out, "cls") else (out[0], out[1])
-                        feats = {"cls": cls, "mean": patches.float().mean(1) if "mean" in pooling else None, "patches": patches}
-                        for n in pooling: acc[n].append(feats[n].to("cpu", sdtype))
-                        idx += good
-                    bar.update(len(good) + len(bad))
-                D = getattr(encoder, "dim", None)
-                tensors = {n: torch.cat(acc[n]) if acc[n] else torch.empty(0, *( [D] if n != "patches" else [0, D] ), dtype=sdtype) for n in pooling}
-                tensors["index"] = torch.tensor(idx, dtype=torch.int64)
-                yield k, tensors, [records[i].id for i in idx], skipped
-        finally:
-            bar.close(); del it
-    return _extract("vision", key, parts, len(records), shard_size, produce, pre_skipped, root, recompute, verify)
+# %% ../nbs/03_features.ipynb #7eaf9560
+def caption_key(record_id: str, j: int = 0) -> str:
+    "The row id of the `j`-th caption of record `record_id` in a text feature cache: `<record id>#<j>`."
+    return f"{record_id}#{j}"
+
+# %% ../nbs/03_features.ipynb #effc800d
+def _text_rows(items: list) -> list[tuple[str, Any, int]]:
+    "(row id, text, input position) per row: every caption of records (`caption_key`), or texts `text/<i>`."
+    if items and isinstance(items[0], Record):
+        return [(caption_key(r.id, j), c, i) for i, r in enumerate(items)
+                for j, c in enumerate(r.captions or [""])]
+    return [(f"text/{i}", t, i) for i, t in enumerate(items)]
+
+# %% ../nbs/03_features.ipynb #231a524f
+@dataclass
+class _TextRun:
+    "One text extraction's settings, shared by the functions that produce its shards."
+    lm: Any
+    rows: list
+    layer: int
+    pooling: str
+    templates: list | None
+    batch_size: int
+    device: torch.device
+    pdtype: torch.dtype
+    cdtype: torch.dtype
+    strict: bool
+    progress: bool
+
+# %% ../nbs/03_features.ipynb #22ff8a41
+def _text_good(run: _TextRun, start: int, stop: int) -> tuple[list[int], list]:
+    "Rows start:stop split into the non-empty texts (row numbers) and the skipped [id, reason] pairs."
+    good, skipped = [], []
+    for i in range(start, stop):
+        rid, t, _ = run.rows[i]
+        if isinstance(t, str) and t.strip():
+            good.append(i)
+        elif run.strict:
+            raise BadInputError(f"{rid}: empty text")
+        else:
+            skipped.append([rid, "empty text"])
+    return good, skipped
+
+# %% ../nbs/03_features.ipynb #761a0cd5
+def _text_hidden(run: _TextRun, good: list[int], bar) -> torch.Tensor:
+    "Hidden states [len(good) * T, D] of the texts `good`, each in every template (T of them), in batches."
+    T = len(run.templates) if run.templates else 1
+    prompts = [tpl.format(c=run.rows[i][1].strip()) if run.templates else run.rows[i][1].strip()
+               for i in good for tpl in (run.templates or [None])]
+    outs = []
+    for s in range(0, len(prompts), run.batch_size * T):
+        chunk = prompts[s:s + run.batch_size * T]
+        autocast = torch.autocast(run.device.type, run.cdtype, enabled=run.cdtype != run.pdtype)
+        with torch.inference_mode(), autocast:
+            outs.append(run.lm.hidden(chunk, layer=run.layer, pooling=run.pooling).to("cpu", run.cdtype))
+        bar.update(len(chunk) // T)
+    return torch.cat(outs) if outs else torch.empty(0, getattr(run.lm, "dim", None), dtype=run.cdtype)
+
+# %% ../nbs/03_features.ipynb #619607a1
+def _text_shard(run: _TextRun, k: int, start: int, stop: int, bar) -> tuple[int, dict, list, list]:
+    "Shard `k` (rows start:stop) -> (k, tensors, ids, skipped); `hidden` is the template mean if templates."
+    good, skipped = _text_good(run, start, stop)
+    h = _text_hidden(run, good, bar)
+    tensors = {"index": torch.tensor([run.rows[i][2] for i in good], dtype=torch.int64)}
+    if run.templates:
+        per = h.reshape(len(good), len(run.templates), -1)
+        tensors["per_template"] = per
+        tensors["hidden"] = per.float().mean(1).to(run.cdtype)
+    else:
+        tensors["hidden"] = h
+    bar.update(len(skipped))
+    return k, tensors, [run.rows[i][0] for i in good], skipped
+
+# %% ../nbs/03_features.ipynb #15d533d4
+def _text_shards(run: _TextRun, todo: list) -> Iterator[tuple[int, dict, list, list]]:
+    "The `produce` of a text extraction: the shards of `todo` in turn."
+    bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"text features {getattr(run.lm, 'name', '')}",
+               unit="text", disable=not run.progress or _dist()[0] != 0)
+    try:
+        for k, start, stop in todo:
+            yield _text_shard(run, k, start, stop, bar)
+    finally:
+        bar.close()
 
 # %% ../nbs/03_features.ipynb #08cff447
-def extract_text_features(lm, texts: Sequence[str] | RecordSet | Sequence[Record], layer: int = -1, pooling: str | None = None,
-                          templates: Sequence[str] | None = None, batch_size: int = 64, shard_size: int = 8192,
-                          dtype=None, strict: bool = False, progress: bool = True, recompute: bool = False,
-                          verify: bool = False, root: str | Path | None = None) -> FeatureCache:
-    "Pooled hidden states of `lm` at `layer` for texts (or every caption of records), optionally prompt-template averaged."
+def extract_text_features(lm, texts: Sequence[str] | RecordSet | Sequence[Record], layer: int = -1,
+                          pooling: str | None = None, templates: Sequence[str] | None = None,
+                          batch_size: int = 64, shard_size: int = 8192, dtype=None, strict: bool = False,
+                          progress: bool = True, recompute: bool = False, verify: bool = False,
+                          root: str | Path | None = None) -> FeatureCache:
+    "Pooled hidden states of `lm` at `layer` for texts or all captions of records, template-mean if asked."
     pooling = pooling or getattr(lm, "default_pooling", "last")
-    if pooling not in ("last", "mean", "cls"): raise ValueError(f"pooling must be 'last', 'mean' or 'cls', got {pooling!r}")
+    if pooling not in ("last", "mean", "cls"):
+        raise ValueError(f"pooling must be 'last', 'mean' or 'cls', got {pooling!r}")
     pre_skipped = list(getattr(texts, "skipped", []))
-    items = list(texts)
-    if items and isinstance(items[0], Record):
-        rows = [(f"{r.id}#{j}", c, i) for i, r in enumerate(items) for j, c in enumerate(r.captions or [""])]
-    else:
-        rows = [(f"text/{i}", t, i) for i, t in enumerate(items)]
+    rows = _text_rows(list(texts))
     templates = list(templates) if templates else None
     device, pdtype = _encoder_place(lm)
     cdtype = _as_dtype(dtype) or pdtype
-    parts = dict(kind="text", model=lm.fingerprint, layer=layer, pooling=pooling, templates=templates, compute_dtype=str(cdtype),
-                 data=texts_fingerprint([f"{i}\t{t}" for i, t, _ in rows]), n=len(rows))
-    key = feature_key(**parts)
-    rank = _dist()[0]
-    T = len(templates) if templates else 1
+    data = texts_fingerprint([f"{i}\t{t}" for i, t, _ in rows])
+    parts = dict(kind="text", model=lm.fingerprint, layer=layer, pooling=pooling, templates=templates,
+                 compute_dtype=str(cdtype), data=data, n=len(rows))
+    run = _TextRun(lm, rows, layer, pooling, templates, batch_size, device, pdtype, cdtype, strict, progress)
+    return _extract("text", feature_key(**parts), parts, len(rows), shard_size,
+                    lambda todo: _text_shards(run, todo), pre_skipped, root, recompute, verify)
 
-    def produce(todo):
-        bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"text features {getattr(lm, 'name', '')}", unit="text",
-                   disable=not progress or rank != 0)
-        try:
-            for k, start, stop in todo:
-                good, skipped = [], []
-                for i in range(start, stop):
-                    rid, t, _ = rows[i]
-                    if isinstance(t, str) and t.strip(): good.append(i)
-                    elif strict: raise BadInputError(f"{rid}: empty text")
-                    else: skipped.append([rid, "empty text"])
-                prompts = [tpl.format(c=rows[i][1].strip()) if templates else rows[i][1].strip() for i in good for tpl in (templates or [None])]
-                outs = []
-                for s in range(0, len(prompts), batch_size * T):
-                    with torch.inference_mode(), torch.autocast(device.type, cdtype, enabled=cdtype != pdtype):
-                        outs.append(lm.hidden(prompts[s:s + batch_size * T], layer=layer, pooling=pooling).to("cpu", cdtype))
-                    bar.update(len(prompts[s:s + batch_size * T]) // T)
-                D = getattr(lm, "dim", None)
-                h = torch.cat(outs) if outs else torch.empty(0, D, dtype=cdtype)
-                tensors = {"index": torch.tensor([rows[i][2] for i in good], dtype=torch.int64)}
-                if templates:
-                    per = h.reshape(len(good), T, -1); tensors["per_template"] = per; tensors["hidden"] = per.float().mean(1).to(cdtype)
-                else: tensors["hidden"] = h
-                bar.update(len(skipped))
-                yield k, tensors, [rows[i][0] for i in good], skipped
-        finally: bar.close()
-    return _extract("text", key, parts, len(rows), shard_size, produce, pre_skipped, root, recompute, verify)
+# %% ../nbs/03_features.ipynb #dfa32fb8
+def _grid_factor(n: int, grid: int) -> int:
+    "The pooling factor that takes a square grid of `n` patches to `grid` x `grid`."
+    h = int(round(math.sqrt(n)))
+    if h * h != n: raise ValueError(f"pool_patch_grid: {n} patches is not a square grid")
+    if grid < 1 or h % grid:
+        raise ValueError(f"pool_patch_grid: grid {grid} does not divide the {h}x{h} patch grid")
+    return h // grid
+
+# %% ../nbs/03_features.ipynb #73997999
+def pool_patch_grid(patches: torch.Tensor, factor: int = 1, *, grid: int | None = None) -> torch.Tensor:
+    "Average-pool row-major square patch grids [B, h*w, D] by `factor`, or to a `grid` x `grid` target."
+    if grid is not None:
+        if factor != 1:
+            raise ValueError(f"pool_patch_grid: give factor ({factor}) or grid ({grid}), not both")
+        factor = _grid_factor(patches.shape[1], grid)
+    if factor < 1: raise ValueError(f"pool_patch_grid: factor must be >= 1, got {factor}")
+    if factor == 1: return patches
+    B, N, D = patches.shape
+    h = int(round(math.sqrt(N)))
+    if h * h != N or h % factor:
+        raise ValueError(f"pool_patch_grid: {N} patches is not a square grid divisible by {factor}")
+    g = patches.reshape(B, h, h, D).permute(0, 3, 1, 2)
+    return F.avg_pool2d(g, factor).permute(0, 2, 3, 1).reshape(B, -1, D)
