@@ -643,7 +643,8 @@ def fashion_mnist(split: str = "train", limit: int | None = None) -> RecordSet:
 
 # %% ../nbs/02_data.ipynb #37fe3915
 def inverted_images(rs: RecordSet, root: str | Path | None = None) -> RecordSet:
-    "The records of `rs` with their images inverted (255 - x), written once as PNGs under `root` (default: the cache)."
+    """The records of `rs` with their images inverted (255 - x), written once as PNGs under `root`.
+    `root` defaults to the cache."""
     d = Path(root) if root is not None else cache_dir("inverted", re.sub(r"[^\w.-]", "_", rs.name))
     d.mkdir(parents=True, exist_ok=True)
     recs = []

@@ -31,7 +31,7 @@ def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
 
 # %% ../nbs/06_metrics.ipynb #be3bb29b
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    "Fraction of rows of `scores` [N, C] whose label is among the k highest scores, per k (ties count against)."
+    "Fraction of rows of `scores` [N, C] whose label is in the k highest scores, per k (ties count against)."
     scores = _check_scores(scores, "topk_accuracy")
     labels = torch.as_tensor(labels, device=scores.device).long()
     N, C = scores.shape
@@ -40,7 +40,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     if N == 0:
         raise ValueError("topk_accuracy: no rows to score")
     if labels.min() < 0 or labels.max() >= C:
-        raise ValueError(f"topk_accuracy: labels must be in [0, {C}), got range [{labels.min()}, {labels.max()}]")
+        raise ValueError(f"topk_accuracy: labels must be in [0, {C}), "
+                         f"got range [{labels.min()}, {labels.max()}]")
     own = scores.gather(1, labels[:, None])
     rank = (scores >= own).sum(1) - 1                 # classes other than the label scoring at least as high
     return {f"top{k}": (rank < min(k, C)).double().mean().item() for k in ks}
@@ -49,7 +50,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 def _check_class_templates(c: int, t: torch.Tensor):
     "One class's template embeddings [T, D]: at least one, finite, none all-zero."
     if t.ndim != 2 or len(t) == 0:
-        raise ValueError(f"zero_shot_classifier: class {c} needs a [T, D] tensor with T >= 1, got shape {tuple(t.shape)}")
+        raise ValueError(f"zero_shot_classifier: class {c} needs a [T, D] tensor with T >= 1, "
+                         f"got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise ValueError(f"zero_shot_classifier: class {c} has NaN/inf embeddings")
     norms = t.float().norm(dim=-1)
@@ -59,7 +61,8 @@ def _check_class_templates(c: int, t: torch.Tensor):
 
 # %% ../nbs/06_metrics.ipynb #5efc861b
 def zero_shot_classifier(class_text_embeddings: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    "Class weights [C, D] from template embeddings [C, T, D] (or a list of [T_c, D]): normalise, average, renormalise."
+    """Class weights [C, D] from template embeddings [C, T, D] (or a list of [T_c, D]).
+    Normalise, average, renormalise."""
     if torch.is_tensor(class_text_embeddings):
         e = class_text_embeddings
         if e.ndim != 3:
@@ -77,7 +80,7 @@ def zero_shot_classifier(class_text_embeddings: torch.Tensor | Sequence[torch.Te
 
 # %% ../nbs/06_metrics.ipynb #bddb05eb
 def zero_shot_scores(image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    "Cosine similarity [N, C] of image embeddings [N, D] with the class weights [C, D] of `zero_shot_classifier`."
+    "Cosine similarity [N, C] of image embeddings [N, D] with the [C, D] weights of `zero_shot_classifier`."
     if image_embeddings.ndim != 2 or image_embeddings.shape[1] != classifier.shape[1]:
         raise ValueError(f"zero_shot_scores: image embeddings {tuple(image_embeddings.shape)} do not match "
                          f"classifier {tuple(classifier.shape)}")
@@ -114,13 +117,15 @@ def _check_t2i(text_to_image, N, M, name):
     if M == 0:
         raise ValueError(f"{name}: no captions")
     if t2i.min() < 0 or t2i.max() >= N:
-        raise ValueError(f"{name}: text_to_image must index images in [0, {N}), got range [{t2i.min()}, {t2i.max()}]")
+        raise ValueError(f"{name}: text_to_image must index images in [0, {N}), "
+                         f"got range [{t2i.min()}, {t2i.max()}]")
     return t2i
 
 # %% ../nbs/06_metrics.ipynb #e8ac2315
 def recall_at_k_from_scores(scores: torch.Tensor, text_to_image: torch.Tensor,
                             ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    "Recall@K both ways from image-text similarities [N images, M captions]; `text_to_image[j]` = image of caption j."
+    """Recall@K both ways from image-text similarities [N images, M captions].
+    `text_to_image[j]` = image of caption j."""
     scores = _check_scores(scores, "recall_at_k")
     N, M = scores.shape
     t2i = _check_t2i(text_to_image, N, M, "recall_at_k").to(scores.device)
@@ -129,8 +134,10 @@ def recall_at_k_from_scores(scores: torch.Tensor, text_to_image: torch.Tensor,
 
 # %% ../nbs/06_metrics.ipynb #e8a64f11
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                ks: Sequence[int] = (1, 5, 10), normalize: bool = True, chunk_size: int = 1024) -> dict[str, float]:
-    "Recall@K image->text (any caption counts) and text->image for embeddings [N, D], [M, D]; cosine if `normalize`."
+                ks: Sequence[int] = (1, 5, 10), normalize: bool = True,
+                chunk_size: int = 1024) -> dict[str, float]:
+    """Recall@K image->text (any caption counts) and text->image for embeddings [N, D], [M, D].
+    Cosine if `normalize`."""
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"recall_at_k: need image [N, D] and text [M, D] embeddings, "
                          f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
@@ -169,7 +176,8 @@ def _tokenize_all(captions: dict, tokenizer: str) -> dict:
         return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
     if tokenizer == "ptb":
         if shutil.which("java") is None:
-            raise RuntimeError("captioning_scores: tokenizer='ptb' needs `java` on the PATH; use tokenizer='simple'")
+            raise RuntimeError("captioning_scores: tokenizer='ptb' needs `java` on the PATH; "
+                               "use tokenizer='simple'")
         return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
     raise ValueError(f"captioning_scores: tokenizer must be 'simple' or 'ptb', got {tokenizer!r}")
 
@@ -189,7 +197,8 @@ def _check_captions(predictions: Mapping, references: Mapping, metrics: Sequence
         raise KeyError(f"captioning_scores: predictions without references: {missing[:10]}")
     for k, p in predictions.items():
         if not isinstance(p, str):
-            raise TypeError(f"captioning_scores: prediction for {k!r} must be a string, got {type(p).__name__}")
+            raise TypeError(f"captioning_scores: prediction for {k!r} must be a string, "
+                            f"got {type(p).__name__}")
         refs = references[k]
         if isinstance(refs, str) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
             raise ValueError(f"captioning_scores: references of {k!r} must be a non-empty list of non-empty "
@@ -201,7 +210,8 @@ def _check_captions(predictions: Mapping, references: Mapping, metrics: Sequence
 # %% ../nbs/06_metrics.ipynb #8ce75a8f
 def captioning_scores(predictions: Mapping, references: Mapping, metrics: Sequence[str] = ("CIDEr", "BLEU-4"),
                       tokenizer: str = "simple") -> dict[str, float]:
-    "Corpus scores of `predictions` {id: caption} against `references` {id: [captions]} (pycocoevalcap; CIDEr = CIDEr-D)."
+    """Corpus scores of `predictions` {id: caption} against `references` {id: [captions]}.
+    Computed with pycocoevalcap; CIDEr = CIDEr-D."""
     _check_captions(predictions, references, metrics)
     ids = list(predictions)
     res = _tokenize_all({k: [predictions[k]] for k in ids}, tokenizer)

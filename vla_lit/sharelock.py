@@ -22,8 +22,10 @@ __all__ = ['LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 
 
 # %% ../nbs/10_sharelock.ipynb #3573a6a7
 class LogitScale(nn.Module):
-    "CLIP's logit scale s = exp(t), t from log(1/0.07), clamped to [0, log 100]; `learnable=False` fixes it (official)."
-    def __init__(self, init: float = math.log(1 / 0.07), max_log: float = math.log(100.0), learnable: bool = True):
+    """CLIP's logit scale s = exp(t), t from log(1/0.07), clamped to [0, log 100].
+    `learnable=False` fixes it (official)."""
+    def __init__(self, init: float = math.log(1 / 0.07), max_log: float = math.log(100.0),
+                 learnable: bool = True):
         super().__init__()
         self.max_log, self.learnable = float(max_log), learnable
         t = torch.tensor(float(init))
@@ -40,7 +42,8 @@ class LogitScale(nn.Module):
 
 # %% ../nbs/10_sharelock.ipynb #fb2ff076
 class ProjectionMLP(nn.Module):
-    "ShareLock's projector: (Linear-BatchNorm1d-ReLU-Dropout) x (num_layers-1), Linear, L2 norm; 0 layers: identity."
+    """ShareLock's projector: (Linear-BatchNorm1d-ReLU-Dropout) x (num_layers-1), Linear, L2 norm.
+    0 layers: identity."""
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 4096, num_layers: int = 4,
                  dropout: float = 0.2, normalize: bool = True):
         super().__init__()
@@ -72,14 +75,17 @@ def projection_mlp_params(in_dim: int, out_dim: int, hidden_dim: int = 4096, num
     if num_layers == 1:
         return in_dim * out_dim + out_dim
     h = hidden_dim
-    return (in_dim * h + h) + (num_layers - 2) * (h * h + h) + (num_layers - 1) * 2 * h + (h * out_dim + out_dim)
+    return ((in_dim * h + h) + (num_layers - 2) * (h * h + h) + (num_layers - 1) * 2 * h
+            + (h * out_dim + out_dim))
 
 # %% ../nbs/10_sharelock.ipynb #7b3102df
 class ShareLock(nn.Module):
-    "Frozen-feature CLIP: an MLP maps LLM text features into the (normalised) vision space; trained with `clip_loss`."
+    """Frozen-feature CLIP: an MLP maps LLM text features into the (normalised) vision space.
+    Trained with `clip_loss`."""
     directions = ("text_to_vision", "vision_to_text")
-    def __init__(self, vision_dim: int, text_dim: int, direction: str = "text_to_vision", hidden_dim: int = 4096,
-                 num_layers: int = 4, dropout: float = 0.2, learn_temperature: bool = True,
+    def __init__(self, vision_dim: int, text_dim: int, direction: str = "text_to_vision",
+                 hidden_dim: int = 4096, num_layers: int = 4, dropout: float = 0.2,
+                 learn_temperature: bool = True,
                  init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100.0),
                  vision_key: str = "vision", text_key: str = "text"):
         super().__init__()
@@ -89,15 +95,19 @@ class ShareLock(nn.Module):
         self.vision_key, self.text_key = vision_key, text_key
         t2v = direction == "text_to_vision"
         self.embed_dim = vision_dim if t2v else text_dim
-        self.text_proj = ProjectionMLP(text_dim, self.embed_dim, hidden_dim, num_layers if t2v else 0, dropout)
-        self.vision_proj = ProjectionMLP(vision_dim, self.embed_dim, hidden_dim, 0 if t2v else num_layers, dropout)
+        self.text_proj = ProjectionMLP(text_dim, self.embed_dim, hidden_dim, num_layers if t2v else 0,
+                                       dropout)
+        self.vision_proj = ProjectionMLP(vision_dim, self.embed_dim, hidden_dim, 0 if t2v else num_layers,
+                                         dropout)
         self.logit_scale = LogitScale(init_logit_scale, max_logit_scale, learn_temperature)
-        self.__dict__["_backbones"] = {}   # plain attribute: frozen backbones never enter parameters()/state_dict()
+        # plain attribute: frozen backbones never enter parameters()/state_dict()
+        self.__dict__["_backbones"] = {}
 
 # %% ../nbs/10_sharelock.ipynb #12039bb6
 @patch
 def attach_backbones(self: ShareLock, vision_encoder: nn.Module | None = None,
-                     language_model: nn.Module | None = None, layer: int = -1, pooling: str = "last") -> ShareLock:
+                     language_model: nn.Module | None = None, layer: int = -1,
+                     pooling: str = "last") -> ShareLock:
     "Attach frozen backbones (vla_lit.models interface) for batches of raw `pixel_values` / `texts`."
     for m in (vision_encoder, language_model):
         if m is not None:
@@ -116,8 +126,8 @@ def _raw_features(self: ShareLock, batch: dict) -> tuple[torch.Tensor, torch.Ten
         with torch.no_grad():
             v = bb["vision"](batch["pixel_values"]).cls
     else:
-        raise KeyError(f"ShareLock: batch needs {self.vision_key!r} features (or 'pixel_values' with a vision "
-                       f"backbone attached); got keys {sorted(batch)}")
+        raise KeyError(f"ShareLock: batch needs {self.vision_key!r} features (or 'pixel_values' with a "
+                       f"vision backbone attached); got keys {sorted(batch)}")
     if self.text_key in batch:
         t = batch[self.text_key]
     elif "texts" in batch and bb.get("text") is not None:
@@ -131,7 +141,8 @@ def _raw_features(self: ShareLock, batch: dict) -> tuple[torch.Tensor, torch.Ten
 # %% ../nbs/10_sharelock.ipynb #50225dba
 @patch
 def features(self: ShareLock, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    "The (vision, text) feature tensors of `batch` on the model's device and dtype; non-finite rows are an error."
+    """The (vision, text) feature tensors of `batch` on the model's device and dtype.
+    Non-finite rows are an error."""
     v, t = self._raw_features(batch)
     p = self.logit_scale.log_scale
     v, t = v.to(device=p.device, dtype=p.dtype), t.to(device=p.device, dtype=p.dtype)
@@ -182,7 +193,8 @@ def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[s
 # %% ../nbs/10_sharelock.ipynb #9151e5a3
 @torch.no_grad()
 def class_embeddings(model: ShareLock, prompt_feats: torch.Tensor) -> torch.Tensor:
-    "Prompt-ensembled class vectors [C,E] from text features of all prompts [C,T,D_t] (mean of unit vectors, renormalised)."
+    """Prompt-ensembled class vectors [C,E] from text features of all prompts [C,T,D_t].
+    The mean of unit vectors, renormalised."""
     if prompt_feats.ndim != 3:
         raise ValueError(f"class_embeddings: expected [C,T,D_t], got {tuple(prompt_feats.shape)}")
     was = model.training
@@ -209,7 +221,8 @@ _LEADING = re.compile(r"^(?:a pair of|an|a|the|some)\s+", re.IGNORECASE)
 
 # %% ../nbs/10_sharelock.ipynb #9f600fa8
 def caption_subject(caption: str) -> str:
-    "The subject of a one-phrase caption: 'A pair of blue jeans.' -> 'blue jeans' (article and final stop removed)."
+    """The subject of a one-phrase caption: 'A pair of blue jeans.' -> 'blue jeans'.
+    The article and the final stop are removed."""
     c = str(caption).strip()
     if not c:
         raise ValueError("caption_subject: empty caption")
@@ -225,15 +238,18 @@ def _val_loss_eval(vision, text, user_eval=None):
     def eval_fn(m):
         p = m.logit_scale.log_scale
         zi, zt = m.encode_image(vv.to(p.device, p.dtype)), m.encode_text(vt.to(p.device, p.dtype))
-        return {"val_loss": float(clip_loss(zi, zt, m.logit_scale())), **(dict(user_eval(m)) if user_eval else {})}
+        return {"val_loss": float(clip_loss(zi, zt, m.logit_scale())),
+                **(dict(user_eval(m)) if user_eval else {})}
     return eval_fn
 
 # %% ../nbs/10_sharelock.ipynb #3b1008bd
-def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_to_vision", hidden_dim: int = 4096,
-                  num_layers: int = 4, dropout: float = 0.2, learn_temperature: bool = True, weight_decay: float = 1e-4,
+def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_to_vision",
+                  hidden_dim: int = 4096, num_layers: int = 4, dropout: float = 0.2,
+                  learn_temperature: bool = True, weight_decay: float = 1e-4,
                   warmup: float | int = 0.03, clip_grad: float = 1.0, ckpt_dir=None, resume: bool = False,
                   eval_fn=None, eval_every=None, val=None, progress: bool = True, device=None):
-    "Train a `ShareLock` on paired feature rows (tensors or memmaps); (model, TrainResult). `val=(vision, text)`: early stopping."
+    """Train a `ShareLock` on paired feature rows (tensors or memmaps); (model, TrainResult).
+    `val=(vision, text)`: early stopping."""
     cfg = cfg or RunConfig()
     if len(vision_feats) != len(text_feats):
         raise ValueError(f"fit_sharelock: {len(vision_feats)} vision rows but {len(text_feats)} text rows "
@@ -243,22 +259,24 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
     seed_everything(cfg.seed)
     model = ShareLock(vision_feats.shape[1], text_feats.shape[1], direction=direction, hidden_dim=hidden_dim,
                       num_layers=num_layers, dropout=dropout, learn_temperature=learn_temperature)
-    data = tensor_batches(vision=vision_feats, text=text_feats, batch_size=min(cfg.batch_size, len(vision_feats)),
-                          generator=cfg.seed)
+    data = tensor_batches(vision=vision_feats, text=text_feats,
+                          batch_size=min(cfg.batch_size, len(vision_feats)), generator=cfg.seed)
     best = {}
     if val is not None:
         eval_fn = _val_loss_eval(*val, user_eval=eval_fn)
         eval_every = eval_every or max(1, cfg.steps // 30)
         best = {"keep_best": "val_loss", "best_mode": "min"}
-    res = train(model, data, cfg, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad, ckpt_dir=ckpt_dir,
-                resume=resume, eval_fn=eval_fn, eval_every=eval_every, progress=progress, device=device, **best)
+    res = train(model, data, cfg, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad,
+                ckpt_dir=ckpt_dir, resume=resume, eval_fn=eval_fn, eval_every=eval_every,
+                progress=progress, device=device, **best)
     if res.best_state is not None:
         load_trainable_state_dict(model, res.best_state)
     return model.eval(), res
 
 # %% ../nbs/10_sharelock.ipynb #007adc53
 def random_weight_lm(lm, seed: int = 0):
-    "A `LanguageModel` with `lm`'s tokenizer and architecture but freshly initialised RANDOM weights (the probing floor)."
+    """A `LanguageModel` with `lm`'s tokenizer and architecture but freshly initialised RANDOM weights.
+    This is the probing floor."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = type(lm.model)(lm.model.config)

@@ -26,9 +26,10 @@ __all__ = ['cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules
 
 # %% ../nbs/04_train.ipynb #3e54dd02
 def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
-    "Learning rate at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then cosine decay to `min_lr`."
+    "LR at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then cosine decay to `min_lr`."
     if total <= 0: raise ValueError(f"cosine_schedule: total must be > 0, got {total}")
-    if not 0 <= warmup <= total: raise ValueError(f"cosine_schedule: warmup must be in [0, total={total}], got {warmup}")
+    if not 0 <= warmup <= total:
+        raise ValueError(f"cosine_schedule: warmup must be in [0, total={total}], got {warmup}")
     if step < warmup: return base_lr * (step + 1) / warmup
     if total == warmup: return base_lr
     progress = (step - warmup) / (total - warmup)
@@ -51,23 +52,26 @@ def _take(x, idx: np.ndarray) -> torch.Tensor:
 
 # %% ../nbs/04_train.ipynb #615d0f9e
 class TensorBatches:
-    "Endless shuffled minibatches of rows of equally long tensors/arrays; resumable (`state_dict`) and shardable."
+    """Endless shuffled minibatches of rows of equally long tensors/arrays.
+    Resumable (`state_dict`) and shardable."""
     def __init__(self, *tensors, batch_size: int, generator: torch.Generator | int | None = None,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1, **named):
-        if tensors and named: raise ValueError("tensor_batches: pass the arrays either positionally or by name, not both")
+        if tensors and named:
+            raise ValueError("tensor_batches: pass the arrays either positionally or by name, not both")
         items = list(named.items()) if named else [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
         if not items: raise ValueError("tensor_batches: no tensors given")
         self._named, self._keys = bool(named), [k for k, _ in items]
         self._arrays = [_as_rows(t, k) for k, t in items]
         lens = {k: len(t) for k, t in zip(self._keys, self._arrays)}
-        if len(set(lens.values())) != 1: raise ValueError(f"tensor_batches: arrays have different lengths {lens}")
+        if len(set(lens.values())) != 1:
+            raise ValueError(f"tensor_batches: arrays have different lengths {lens}")
         self.n = next(iter(lens.values()))
         if batch_size <= 0: raise ValueError(f"tensor_batches: batch_size must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"tensor_batches: need 0 <= rank < world_size, got {rank}, {world_size}")
         if self.n // world_size < batch_size and drop_last:
-            raise ValueError(f"tensor_batches: {self.n} rows over {world_size} rank(s) give fewer than one batch of "
-                             f"{batch_size} (drop_last=True); lower batch_size")
+            raise ValueError(f"tensor_batches: {self.n} rows over {world_size} rank(s) give fewer than "
+                             f"one batch of {batch_size} (drop_last=True); lower batch_size")
         if self.n == 0: raise ValueError("tensor_batches: the arrays are empty")
         self.batch_size, self.drop_last, self.rank, self.world_size = batch_size, drop_last, rank, world_size
         if generator is None or isinstance(generator, (int, np.integer)):
@@ -144,7 +148,7 @@ def shard(self: TensorBatches, rank: int, world_size: int) -> TensorBatches:
 # %% ../nbs/04_train.ipynb #3dd13d84
 def tensor_batches(*tensors, batch_size: int, generator: torch.Generator | int | None = None,
                    drop_last: bool = True, **named) -> TensorBatches:
-    "Shuffled minibatches forever from in-memory or memory-mapped arrays (tuples, or dicts if passed by name)."
+    "Shuffled minibatches forever from in-memory or memory-mapped arrays (tuples; dicts if passed by name)."
     return TensorBatches(*tensors, batch_size=batch_size, generator=generator, drop_last=drop_last, **named)
 
 # %% ../nbs/04_train.ipynb #be2d951e
@@ -172,7 +176,8 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
 
 # %% ../nbs/04_train.ipynb #ecb0f52a
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    "What a checkpoint keeps: `module.trainable_state_dict()` if defined, else trainable parameters + buffers outside frozen parts."
+    """What a checkpoint keeps: `module.trainable_state_dict()` if defined.
+    Else the trainable parameters + the buffers outside frozen parts."""
     if hasattr(module, "trainable_state_dict"):
         return module.trainable_state_dict()
     frozen = frozen_modules(module)
@@ -200,7 +205,8 @@ def _digest(t: torch.Tensor) -> str:
 
 # %% ../nbs/04_train.ipynb #f0643d0b
 def frozen_snapshot(module: nn.Module) -> dict[str, tuple]:
-    "Fingerprint (shape, dtype, SHA-256 of the bytes) of every frozen parameter and every buffer inside a frozen part."
+    """Fingerprint of every frozen parameter and every buffer inside a frozen part.
+    Each is (shape, dtype, SHA-256 of the bytes)."""
     frozen = frozen_modules(module)
     snap = {f"param:{n}": (tuple(p.shape), str(p.dtype), _digest(p))
             for n, p in module.named_parameters() if not p.requires_grad}
@@ -210,7 +216,8 @@ def frozen_snapshot(module: nn.Module) -> dict[str, tuple]:
 
 # %% ../nbs/04_train.ipynb #21de55ca
 def check_frozen(snapshot: dict[str, tuple], module: nn.Module):
-    "Raise `AssertionError` naming every frozen tensor of `snapshot` that changed, vanished or became trainable."
+    """Raise `AssertionError` if a frozen tensor of `snapshot` changed, vanished or became trainable.
+    The message names every such tensor."""
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     bad = []
     for key, (shape, dtype, dig) in snapshot.items():
@@ -233,7 +240,7 @@ class NonFiniteLossError(FloatingPointError):
 # %% ../nbs/04_train.ipynb #189cba75
 @dataclass
 class TrainResult:
-    "What `train` returns: the history (one dict per logged step), the final trainable state, EMA and best states."
+    "What `train` returns: the history (a dict per logged step), final trainable state, EMA and best states."
     history: list[dict]
     state: dict[str, torch.Tensor]
     steps: int
@@ -257,7 +264,8 @@ def last(self: TrainResult, key: str = "loss") -> float:
     "The last logged value of `key`."
     vals = [h[key] for h in self.history if key in h and h[key] == h[key]]
     if not vals:
-        raise KeyError(f"{key!r} was never logged; logged keys: {sorted({k for h in self.history for k in h})}")
+        raise KeyError(f"{key!r} was never logged; "
+                       f"logged keys: {sorted({k for h in self.history for k in h})}")
     return vals[-1]
 
 # %% ../nbs/04_train.ipynb #f9e14330
@@ -272,7 +280,8 @@ class _LossForward(nn.Module):
 
 # %% ../nbs/04_train.ipynb #2a8b0375
 def dist_info() -> tuple[int, int, int]:
-    "(rank, local_rank, world_size) of this process: from torch.distributed if initialised, else torchrun's environment."
+    """(rank, local_rank, world_size) of this process.
+    From torch.distributed if initialised, else torchrun's environment."""
     local = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), local, dist.get_world_size()
@@ -356,7 +365,8 @@ def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float):
 
 # %% ../nbs/04_train.ipynb #4f5e0a95
 def _batch_stream(data, rank: int, world: int):
-    "Endless iterator over an iterable's batches, re-iterating when it ends; rank `r` keeps every `world`-th batch."
+    """Endless iterator over an iterable's batches, re-iterating when it ends.
+    Rank `r` keeps every `world`-th batch."""
     if hasattr(data, "shard") and world > 1:
         data = data.shard(rank, world)
     def gen():
@@ -381,7 +391,8 @@ def _resolve_warmup(warmup: int | float, steps: int) -> int:
     if isinstance(warmup, float) and 0 <= warmup < 1:
         return int(round(warmup * steps))
     if warmup < 0 or int(warmup) != warmup:
-        raise ValueError(f"train: warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
+        raise ValueError(f"train: warmup must be a fraction in [0, 1) or a whole number of steps, "
+                         f"got {warmup}")
     return min(int(warmup), steps)
 
 # %% ../nbs/04_train.ipynb #01f3e025
@@ -422,10 +433,12 @@ def _check_options(o: TrainOptions):
     if o.clip_grad is not None and not o.clip_grad > 0:
         raise ValueError(f"train: clip_grad must be > 0, or None to turn clipping off; got {o.clip_grad}")
     if o.resume and o.ckpt_dir is None: raise ValueError("train: resume=True needs ckpt_dir")
-    if o.amp not in (None, "bf16", "fp16"): raise ValueError(f"train: amp must be None, 'bf16' or 'fp16', got {o.amp!r}")
+    if o.amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"train: amp must be None, 'bf16' or 'fp16', got {o.amp!r}")
     if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
         raise ValueError(f"train: ema_decay must be in [0, 1), got {o.ema_decay}")
-    if o.best_mode not in ("max", "min"): raise ValueError(f"train: best_mode must be 'max' or 'min', got {o.best_mode!r}")
+    if o.best_mode not in ("max", "min"):
+        raise ValueError(f"train: best_mode must be 'max' or 'min', got {o.best_mode!r}")
     if o.keep_best is not None and o.eval_fn is None: raise ValueError("train: keep_best needs eval_fn")
     if o.patience is not None and (o.keep_best is None or o.patience < 1):
         raise ValueError(f"train: patience ({o.patience}) needs keep_best and must be >= 1")
@@ -467,14 +480,16 @@ class Trainer:
         self.ckpt_path = self.o.ckpt_dir / "last.pt" if self.o.ckpt_dir is not None else None
         self.last_ckpt_step, self.at_step_start, self.last_eval_step = None, None, None
         ema = self.o.ema_decay is not None
-        self.ema = {k: v.detach().clone() for k, v in trainable_state_dict(mechanism).items()} if ema else None
+        self.ema = ({k: v.detach().clone() for k, v in trainable_state_dict(mechanism).items()}
+                    if ema else None)
         self.best_state, self.best_step, self.best_metric, self.bad_evals = None, None, None, 0
         self.stopped, self.seconds_before, self.t0 = None, 0.0, time.perf_counter()
 
 # %% ../nbs/04_train.ipynb #00638e63
 @patch
 def _setup_dist(self: Trainer):
-    "Rank and world size, the process group (made here if torchrun started us and nobody else did), the device."
+    """Rank and world size, the process group and the device.
+    The group is made here if torchrun started us and nobody else did."""
     self.rank, local_rank, self.world = dist_info()
     self.we_init = False
     if self.world > 1 and not dist.is_initialized():
@@ -514,7 +529,8 @@ def _setup_data(self: Trainer):
     is_callable = callable(data) and not hasattr(data, "__iter__")
     self.gen = torch.Generator().manual_seed(_rank_seed(self.cfg.seed, self.rank)) if is_callable else None
     self.source, self.stream = (data, None) if is_callable else _batch_stream(data, self.rank, self.world)
-    self.stateful = not is_callable and hasattr(self.source, "state_dict") and hasattr(self.source, "load_state_dict")
+    self.stateful = (not is_callable and hasattr(self.source, "state_dict")
+                     and hasattr(self.source, "load_state_dict"))
 
 # %% ../nbs/04_train.ipynb #98f7f335
 @patch
@@ -534,7 +550,8 @@ def elapsed(self: Trainer) -> float:
 @patch
 def position(self: Trainer) -> dict:
     "This rank's RNG states and data position: where a resumed run continues from."
-    return {"rng": _rng_state(self.gen), "data": copy.deepcopy(self.source.state_dict()) if self.stateful else None}
+    return {"rng": _rng_state(self.gen),
+            "data": copy.deepcopy(self.source.state_dict()) if self.stateful else None}
 
 # %% ../nbs/04_train.ipynb #4a5e2e77
 @patch
@@ -551,12 +568,16 @@ def checkpoint(self: Trainer, gather: bool = True, mine: dict | None = None):
         return
     o.ckpt_dir.mkdir(parents=True, exist_ok=True)
     cpu = lambda sd: None if sd is None else {k: v.detach().cpu() for k, v in sd.items()}
-    schedule = {"kind": "warmup_cosine", "total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr}
-    best = {"state": self.best_state, "step": self.best_step, "metric": self.best_metric, "bad": self.bad_evals}
-    _atomic_save({"step": self.step, "model": cpu(trainable_state_dict(self.mech)), "optimizer": self.opt.state_dict(),
+    schedule = {"kind": "warmup_cosine", "total": o.steps, "warmup": o.warmup, "base_lr": o.lr,
+                "min_lr": o.min_lr}
+    best = {"state": self.best_state, "step": self.best_step, "metric": self.best_metric,
+            "bad": self.bad_evals}
+    _atomic_save({"step": self.step, "model": cpu(trainable_state_dict(self.mech)),
+                  "optimizer": self.opt.state_dict(),
                   "scaler": self.scaler.state_dict() if self.scaler else None, "schedule": schedule,
-                  "per_rank": per_rank, "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world,
-                  "ema": cpu(self.ema), "best": best, "seconds": self.elapsed(), "version": 2}, self.ckpt_path)
+                  "per_rank": per_rank, "history": self.history, "config": self.cfg.to_dict(),
+                  "world_size": self.world, "ema": cpu(self.ema), "best": best, "seconds": self.elapsed(),
+                  "version": 2}, self.ckpt_path)
     tmp = o.ckpt_dir / "history.json.tmp"
     tmp.write_text(json.dumps(self.history))
     os.replace(tmp, o.ckpt_dir / "history.json")
@@ -567,8 +588,8 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"train: cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
-                           f"truncated: restore it, or delete it to start the run over") from e
+        raise RuntimeError(f"train: cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged "
+                           "or truncated: restore it, or delete it to start the run over") from e
 
 # %% ../nbs/04_train.ipynb #2e94b4d8
 @patch
@@ -578,8 +599,8 @@ def _warn_if_changed(self: Trainer, ck: dict):
     now = {"total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr}
     was = {k: ck["schedule"].get(k) for k in now}
     if was != now:
-        warnings.warn(f"train: resuming {self.ckpt_path} with a different schedule {now} (checkpoint: {was}); "
-                      "the result will differ from an uninterrupted run")
+        warnings.warn(f"train: resuming {self.ckpt_path} with a different schedule {now} "
+                      f"(checkpoint: {was}); the result will differ from an uninterrupted run")
     seed = ck.get("config", {}).get("seed", self.cfg.seed)
     if seed != self.cfg.seed:
         warnings.warn(f"train: resuming {self.ckpt_path} (seed {seed}) with seed {self.cfg.seed}; "
@@ -591,8 +612,9 @@ def _restore_position(self: Trainer, ck: dict):
     "This rank's RNG states and data position, or a warning when the world size changed."
     per_rank = ck["per_rank"]
     if len(per_rank) != self.world or per_rank[self.rank] is None:
-        warnings.warn(f"train: checkpoint was written by {len(per_rank)} rank(s), now {self.world}; RNG/data position "
-                      f"of rank {self.rank} cannot be restored exactly, the data stream restarts")
+        warnings.warn(f"train: checkpoint was written by {len(per_rank)} rank(s), now {self.world}; "
+                      f"RNG/data position of rank {self.rank} cannot be restored exactly, "
+                      "the data stream restarts")
         return
     mine = per_rank[self.rank]
     if self.stateful and mine.get("data") is not None:
@@ -605,7 +627,8 @@ def _restore_position(self: Trainer, ck: dict):
 # %% ../nbs/04_train.ipynb #eca01548
 @patch
 def resume(self: Trainer):
-    "With `resume=True` and a `last.pt`: weights, optimiser, history, EMA, best state, time spent, RNG, data position."
+    """With `resume=True` and a `last.pt`, restore the run from it.
+    Weights, optimiser, history, EMA, best state, time spent, RNG, data position."""
     if not (self.o.resume and self.ckpt_path.exists()):
         return
     ck = _read_checkpoint(self.ckpt_path)
@@ -624,7 +647,8 @@ def resume(self: Trainer):
     self._warn_if_changed(ck)
     self._restore_position(ck)
     if self.start > self.o.steps:
-        raise ValueError(f"train: checkpoint {self.ckpt_path} is at step {self.start}, beyond steps={self.o.steps}")
+        raise ValueError(f"train: checkpoint {self.ckpt_path} is at step {self.start}, "
+                         f"beyond steps={self.o.steps}")
 
 # %% ../nbs/04_train.ipynb #5bee2120
 @patch
@@ -650,11 +674,11 @@ def _kept_message(self: Trainer) -> str:
 # %% ../nbs/04_train.ipynb #fe70bba9
 @patch
 def _logged(self: Trainer, out) -> dict[str, float]:
-    "The loss and the other scalar outputs of `loss(batch)`, averaged over ranks (NaN anywhere: NaN everywhere)."
+    "The loss and other scalar outputs of `loss(batch)`, averaged over ranks (NaN anywhere: NaN everywhere)."
     if not isinstance(out, Mapping) or "loss" not in out:
         keys = f" with keys {sorted(out)}" if isinstance(out, Mapping) else ""
-        raise TypeError(f"train: {type(self.mech).__name__}.loss(batch) must return a dict with a 'loss' key, "
-                        f"got {type(out).__name__}{keys}")
+        raise TypeError(f"train: {type(self.mech).__name__}.loss(batch) must return a dict with a "
+                        f"'loss' key, got {type(out).__name__}{keys}")
     scalars = {k: v for k, v in out.items() if k != "loss" and (isinstance(v, (int, float))
                                                                 or (torch.is_tensor(v) and v.numel() == 1))}
     as_t = lambda v: torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().float().reshape(())
@@ -675,7 +699,8 @@ def forward_backward(self: Trainer, batch) -> tuple[dict[str, float], float]:
     logged = self._logged(out)
     if not math.isfinite(logged["loss"]):
         where = " (on some rank)" if self.ddp else ""
-        raise NonFiniteLossError(f"train: loss is {logged['loss']} at step {self.step}{where}{self._kept_message()}")
+        raise NonFiniteLossError(f"train: loss is {logged['loss']} at step {self.step}"
+                                 f"{where}{self._kept_message()}")
     self.opt.zero_grad(set_to_none=True)
     (self.scaler.scale(out["loss"]) if self.scaler else out["loss"]).backward()
     if self.scaler:
@@ -725,7 +750,8 @@ def apply_update(self: Trainer) -> float:
 def log(self: Trainer, logged: dict[str, float], lr: float, gnorm: float):
     "A history row every `log_every` steps and at the last one."
     if self.step % self.o.log_every == 0 or self.step == self.o.steps:
-        self.history.append({"step": self.step, **logged, "lr": lr, "grad_norm": gnorm, "time": self.elapsed()})
+        self.history.append({"step": self.step, **logged, "lr": lr, "grad_norm": gnorm,
+                             "time": self.elapsed()})
 
 # %% ../nbs/04_train.ipynb #f60ccc43
 @patch
@@ -804,7 +830,8 @@ def finish(self: Trainer):
         self.checkpoint()
     if o.on_step is not None and self.is_main:
         loss = self.history[-1].get("loss", float("nan")) if self.history else float("nan")
-        o.on_step(self.step, {"loss": loss, "checkpointed": o.ckpt_dir is not None, "ema": self.ema, "final": True})
+        o.on_step(self.step, {"loss": loss, "checkpointed": o.ckpt_dir is not None, "ema": self.ema,
+                              "final": True})
 
 # %% ../nbs/04_train.ipynb #2d498ad1
 @patch
@@ -841,7 +868,8 @@ def result(self: Trainer) -> TrainResult:
 def train(mechanism: nn.Module, data: Iterable | Callable[[int, torch.Generator], Any],
           cfg: RunConfig | None = None, **kwargs) -> TrainResult:
     """Train the parameters of `mechanism` that require grad to minimise `mechanism.loss(batch)["loss"]`.
-    `data`: an iterable of batches or a callable `(step, generator) -> batch`; `kwargs`: the fields of `TrainOptions`."""
+    `data`: an iterable of batches or a callable `(step, generator) -> batch`;
+    `kwargs`: the fields of `TrainOptions`."""
     t = Trainer(mechanism, data, cfg or RunConfig(), TrainOptions(**kwargs))
     t.resume()
     o = t.o
