@@ -14,9 +14,9 @@ EMBEDDED := $(VENV)/embedded
 DEBS     := tuxpaint-stamps-default dataset-fashion-mnist
 STAMP    := $(VENV)/.installed
 NBDEV_FLAGS ?=
-# pyflakes' checks through ruff on the exported package: undefined names (F821) above all. F401 (unused
-# import) and F811 (a name redefined: every @patch'd method is a module-level def) are not errors here.
-LINT     := $(VENV)/bin/ruff check --quiet --select F --ignore F401,F811 --exclude vla_lit/_modidx.py vla_lit
+# pyflakes' checks through ruff on the exported package: undefined names (F821) above all, unused imports.
+# F811 (a name redefined) is not an error here: every @patch'd method is a module-level def.
+LINT     := $(VENV)/bin/ruff check --quiet --select F --ignore F811 --exclude vla_lit/_modidx.py vla_lit
 
 .PHONY: demo test install clean-venv gemma
 

@@ -69,7 +69,7 @@ def test_settings_register_test_flags():
 
 
 RUFF = NBDEV_BIN / "ruff"
-LINT = ["--select", "F", "--ignore", "F401,F811"]
+LINT = ["--select", "F", "--ignore", "F811"]
 
 
 def test_lint_catches_an_undefined_name(tmp_path):

@@ -5,10 +5,10 @@
 # %% ../nbs/02_data.ipynb #0fb0bb63
 from __future__ import annotations
 import csv, gzip, hashlib, io, json, os, re, struct, tarfile, warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm

@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_decoder.ipynb #c9daa60d
 from __future__ import annotations
-import copy, hashlib, json, shutil, time, warnings
+import copy, hashlib, json, shutil, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -255,40 +255,27 @@ def _flip_batches(px: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, batch
 
 # %% ../nbs/41_decoder.ipynb #9d46b7bc
 class _EmaSaver:
-    "`on_step` hook of `pretrain_decoder`: the losses; the EMA decoder saved at checkpoints and at the end."
-    def __init__(self, decoder: T2IDecoder, lm, out_dir: Path | None, info: dict, steps: int,
-                 losses: Sequence[float] = (), seconds: float = 0.0):
+    "`on_step` hook of `pretrain_decoder`: the EMA decoder, saved at checkpoints and at the end."
+    def __init__(self, decoder: T2IDecoder, lm, out_dir: Path | None, info: dict, steps: int):
         unet = copy.deepcopy(decoder.unet)
         pt = decoder.scheduler.config.prediction_type
         self.decoder = pixel_decoder(lm, unet, name=decoder.name, prediction_type=pt)
-        self.lm, self.out_dir, self.info, self.steps = lm, out_dir, info, steps
-        self.losses, self.n_new, self.t0 = list(losses), 0, time.perf_counter() - seconds
+        self.lm, self.out_dir, self.info, self.steps, self.n_new = lm, out_dir, info, steps, 0
 
-    def record(self, step: int) -> dict:
-        "What `decoder.json` says about the training so far."
-        L = self.losses
+    def record(self, step: int, st: dict) -> dict:
+        "What `decoder.json` says about the training so far (losses and time from the trainer's history)."
+        L = [h["loss"] for h in st["history"] if "loss" in h]
         rec = {**self.info, "weights": "ema", "steps": step, "losses": L,
                "final_loss": float(np.mean(L[-50:])) if L else None,
-               "train_seconds": time.perf_counter() - self.t0, "complete": step >= self.steps}
+               "train_seconds": st["seconds"], "complete": step >= self.steps}
         return rec | ({"stopped_early": True} if step < self.steps else {})
 
     def __call__(self, step: int, st: dict):
-        if not st["final"]:
-            self.losses.append(st["loss"])
-            self.n_new += 1
+        self.n_new += 0 if st["final"] else 1
         self.decoder.unet.load_state_dict(st["ema"])
         saved = self.out_dir is not None and (self.out_dir / "decoder.json").exists()
         if self.out_dir is not None and (st["checkpointed"] or (st["final"] and (self.n_new or not saved))):
-            save_decoder(self.decoder, self.out_dir, self.lm, self.record(step))
-
-# %% ../nbs/41_decoder.ipynb #deeb7134
-def _earlier_run(out_dir: Path | None, resume: bool) -> tuple[list[float], float]:
-    "(losses, training seconds) of the checkpointed run a resumed call continues; nothing for a fresh one."
-    path = None if out_dir is None else out_dir / "last.pt"
-    if not (resume and path is not None and path.exists()):
-        return [], 0.0
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    return [h["loss"] for h in ck["history"] if "loss" in h], float(ck.get("seconds", 0.0))
+            save_decoder(self.decoder, self.out_dir, self.lm, self.record(step, st))
 
 # %% ../nbs/41_decoder.ipynb #806f5a19
 def pretrain_decoder(records, lm, out_dir: str | Path | None = None, size: int = 32,
@@ -315,13 +302,14 @@ def pretrain_decoder(records, lm, out_dir: str | Path | None = None, size: int =
     resume = resume and out_dir is not None
     if out_dir is not None:
         _claim_out_dir(out_dir, info, resume)
-    hook = _EmaSaver(dec, lm, out_dir, info, steps, *_earlier_run(out_dir, resume))
+    hook = _EmaSaver(dec, lm, out_dir, info, steps)
     res = train(DecoderPretraining(dec, p_uncond), _flip_batches(px, ctx, mask, batch_size),
                 RunConfig(name="decoder pre-training", seed=seed, steps=steps, batch_size=batch_size, lr=lr),
                 weight_decay=0.0, warmup=min(warmup, steps // 10), min_lr=lr * 0.1, clip_grad=1.0,
                 ema_decay=ema_decay, max_seconds=max_seconds, ckpt_dir=out_dir, ckpt_every=ckpt_every,
                 resume=resume, on_step=hook, device=device, progress=progress)
-    run = {"steps": res.steps, "losses": hook.losses, "train_seconds": res.seconds}
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    run = {"steps": res.steps, "losses": losses, "train_seconds": res.seconds}
     run |= {"stopped_early": True} if res.stopped == "max_seconds" else {}
     hook.decoder.unet.to(get_device(device))
     hook.decoder.info = {**info, **run}

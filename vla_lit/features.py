@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_features.ipynb #88962ac1
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, sys, time, warnings
+import contextlib, hashlib, json, math, os, sys, time
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no cross-process lock
 from dataclasses import dataclass

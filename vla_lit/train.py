@@ -5,7 +5,7 @@
 # %% ../nbs/04_train.ipynb #a8041138
 from __future__ import annotations
 import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 import numpy as np
@@ -804,6 +804,16 @@ def evaluate(self: Trainer):
         self.stopped = "patience"
     self.last_eval_step = self.step
 
+# %% ../nbs/04_train.ipynb #65a47863
+@patch
+def _call_hook(self: Trainer, loss: float, checkpointed: bool, final: bool):
+    "`on_step(step, info)` on rank 0: the loss, whether a checkpoint was just written, the EMA, the history so far."
+    if self.o.on_step is None or not self.is_main:
+        return
+    info = {"loss": loss, "checkpointed": checkpointed, "ema": self.ema, "final": final,
+            "history": self.history, "seconds": self.elapsed()}
+    self.o.on_step(self.step, info)
+
 # %% ../nbs/04_train.ipynb #2da7239e
 @patch
 def after_step(self: Trainer, loss: float):
@@ -816,8 +826,7 @@ def after_step(self: Trainer, loss: float):
         self.checkpoint()
     if o.max_seconds is not None and step < o.steps and self._agree(self.elapsed() > o.max_seconds):
         self.stopped = "max_seconds"
-    if o.on_step is not None and self.is_main:
-        o.on_step(step, {"loss": loss, "checkpointed": saved, "ema": self.ema, "final": False})
+    self._call_hook(loss, saved, final=False)
 
 # %% ../nbs/04_train.ipynb #81afb5d8
 @patch
@@ -828,10 +837,8 @@ def finish(self: Trainer):
         self.evaluate()
     if o.ckpt_dir is not None:
         self.checkpoint()
-    if o.on_step is not None and self.is_main:
-        loss = self.history[-1].get("loss", float("nan")) if self.history else float("nan")
-        o.on_step(self.step, {"loss": loss, "checkpointed": o.ckpt_dir is not None, "ema": self.ema,
-                              "final": True})
+    loss = self.history[-1].get("loss", float("nan")) if self.history else float("nan")
+    self._call_hook(loss, o.ckpt_dir is not None, final=True)
 
 # %% ../nbs/04_train.ipynb #2d498ad1
 @patch
