@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None,
                    help="run ids (globs) to run, or a number: the first N")
     p.add_argument("--no-collect", action="store_true", help="do not write the table and plots afterwards")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the sweep's rehearsal: tiny random local models, generated data (into <name>-rehearsal/)")
     p = sub.add_parser("collect", help="write results.csv/.md, runs.csv and plots/ of a sweep folder")
     p.add_argument("sweep_dir")
     p = sub.add_parser("demo", help="run and collect every sweeps/*_embedded.yaml")
@@ -100,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_sweep(a: argparse.Namespace) -> int:
     "`vla_lit sweep`: run, collect (unless `--no-collect`), list the failed runs; 1 when one failed."
     res = run_sweep(a.config, out_root=a.out, jobs=a.jobs, device=a.device, smoke=a.smoke, only=a.only,
-                    force=a.force, demo=a.demo)
+                    force=a.force, demo=a.demo, rehearse=a.rehearse)
     if not a.no_collect:
         t = collect(res.attrs["sweep_dir"])
         print(f"table: {Path(res.attrs['sweep_dir'])/'results.md'}")

@@ -16,9 +16,9 @@ from . import __version__
 # module (the `vla_lit` command, every run's own process) stays fast, and only the runner pays for them.
 
 # %% auto #0
-__all__ = ['SWEEP_KEYS', 'SweepError', 'load_sweep', 'Run', 'run_id', 'expand_runs', 'select_runs', 'notebook_parameters',
-           'check_parameters', 'run_notebook_child', 'launch_command', 'is_finished', 'execute_run', 'sweep_dir_for',
-           'run_sweep']
+__all__ = ['SWEEP_KEYS', 'SweepError', 'substitute', 'load_sweep', 'Run', 'run_id', 'expand_runs', 'rehearsal_sweep',
+           'select_runs', 'notebook_parameters', 'check_parameters', 'run_notebook_child', 'launch_command',
+           'is_finished', 'execute_run', 'sweep_dir_for', 'run_sweep']
 
 # %% ../nbs/50_sweep.ipynb #296b7e6a
 class SweepError(ValueError):
@@ -33,7 +33,7 @@ _SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 # %% ../nbs/50_sweep.ipynb #445f3761
 SWEEP_KEYS = ("name", "notebook", "description", "base", "grid", "runs", "seeds", "smoke", "demo",
-              "launcher", "timeout", "metrics", "plot", "seed_key")
+              "launcher", "timeout", "metrics", "plot", "seed_key", "paths", "rehearsal")
 
 # %% ../nbs/50_sweep.ipynb #3aeb1cab
 def _find_root(start: Path) -> Path | None:
@@ -191,6 +191,40 @@ def _timeout(cfg, where) -> float | None:
         raise SweepError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
     return timeout
 
+# %% ../nbs/50_sweep.ipynb #8d62388a
+def _paths(cfg, where) -> dict[str, str]:
+    "The `paths:` block: names (identifiers) to folder paths (strings)."
+    paths = _mapping(cfg.get("paths"), "paths", where)
+    for k, v in paths.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)) or not isinstance(v, str):
+            raise SweepError(f"{where}: paths entries are name: 'folder' (a name is an identifier), got {k!r}: {v!r}")
+    return paths
+
+# %% ../nbs/50_sweep.ipynb #164212db
+def _rehearsal(cfg, where) -> dict:
+    "The `rehearsal:` block: `models` (hub id -> tiny model kind) and `params` (overrides)."
+    r = _mapping(cfg.get("rehearsal"), "rehearsal", where)
+    unknown = sorted(set(r) - {"models", "params"})
+    if unknown: raise SweepError(f"{where}: rehearsal takes `models` and `params`, not {unknown}")
+    return dict(models=_mapping(r.get("models"), "rehearsal.models", where),
+                params=_mapping(r.get("params"), "rehearsal.params", where))
+
+# %% ../nbs/50_sweep.ipynb #df0c68aa
+_PATH_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+def substitute(value, paths: dict, models: dict | None = None, where: str = "sweep"):
+    "`value` with every `${name}` replaced from `paths` and every string equal to a key of `models` replaced."
+    if isinstance(value, list): return [substitute(v, paths, models, where) for v in value]
+    if isinstance(value, dict): return {k: substitute(v, paths, models, where) for k, v in value.items()}
+    if not isinstance(value, str): return value
+    if models and value in models: return str(models[value])
+    def one(m):
+        if m.group(1) not in paths:
+            raise SweepError(f"{where}: {value!r} uses ${{{m.group(1)}}}, which the sweep's paths block does not define"
+                             f" (it defines {sorted(paths)})")
+        return str(paths[m.group(1)])
+    return _PATH_REF.sub(one, value)
+
 # %% ../nbs/50_sweep.ipynb #0ccd0155
 def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dict:
     "Read and check a sweep (a YAML file or a dict in the format above); returns it normalised."
@@ -206,9 +240,11 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
     plot = _plot(cfg, where)
     timeout = _timeout(cfg, where)
     launcher = _norm_launcher(cfg.get("launcher"), where)
+    paths, rehearsal = _paths(cfg, where), _rehearsal(cfg, where)
     return dict(name=name, notebook=str(found.resolve()), description=str(cfg.get("description") or ""),
                 base=base, grid=grid, runs=runs, seeds=seeds, seed_key=seed_key, smoke=smoke, demo=demo,
-                launcher=launcher, timeout=timeout, metrics=metrics, plot=plot,
+                launcher=launcher, timeout=timeout, metrics=metrics, plot=plot, paths=paths, rehearsal=rehearsal,
+                model_map={},
                 source=str(src.resolve()) if src else None, root=str(Path(root).resolve()))
 
 # %% ../nbs/50_sweep.ipynb #3b37e781
@@ -260,6 +296,7 @@ def _points(sweep: dict, smoke: bool, demo: bool) -> list[Run]:
             knobs = {**entry, **p}
             params = {**sweep["base"], **knobs, **(dm.get("params", {}) if demo else {}),
                       **(sweep["smoke"] if smoke else {})}
+            params = substitute(params, sweep.get("paths") or {}, sweep.get("model_map"), sweep["name"])
             out.append(Run(run_id(knobs, prefix), knobs, params, launcher))
     return out
 
@@ -304,6 +341,26 @@ def expand_runs(sweep: dict, smoke: bool = False, demo: bool = False) -> list[Ru
     dm = sweep.get("demo") or {}
     if demo and dm.get("only"): out = _demo_only(out, dm["only"], sweep["name"])
     return out
+
+# %% ../nbs/50_sweep.ipynb #7d31215b
+def rehearsal_sweep(sweep: dict, models: dict | None = None, paths: dict | None = None) -> dict:
+    """The sweep as its rehearsal: hub ids -> tiny random local models by kind, every `paths` name -> a generated
+    fixture, the rehearsal's params as the smoke overrides (so identical runs collapse), name + '-rehearsal'.
+    `models` / `paths` default to `vla_lit.fixtures.rehearsal_models()` / `rehearsal_paths()` (generated once)."""
+    r = sweep.get("rehearsal") or {}
+    if not r.get("models") and not r.get("params"):
+        raise SweepError(f"sweep {sweep['name']!r} has no rehearsal block (rehearsal: {{models: ..., params: ...}})")
+    if models is None or paths is None:
+        from vla_lit import fixtures   # lazy: generating tiny models imports transformers and diffusers
+        models = fixtures.rehearsal_models() if models is None else models
+        paths = fixtures.rehearsal_paths() if paths is None else paths
+    bad = {hub: kind for hub, kind in r["models"].items() if kind not in models}
+    if bad: raise SweepError(f"sweep {sweep['name']!r}: rehearsal models {bad}: no such kind (kinds: {sorted(models)})")
+    missing = sorted(set(sweep.get("paths") or {}) - set(paths))
+    if missing: raise SweepError(f"sweep {sweep['name']!r}: no rehearsal fixture for paths {missing} (have {sorted(paths)})")
+    return {**sweep, "name": f"{sweep['name']}-rehearsal", "smoke": dict(r["params"]),
+            "paths": {k: str(paths[k]) for k in sweep.get("paths") or {}},
+            "model_map": {hub: str(models[kind]) for hub, kind in r["models"].items()}}
 
 # %% ../nbs/50_sweep.ipynb #03c48959
 def select_runs(runs: list[Run], only: int | str | list[str] | None = None) -> list[Run]:
@@ -586,17 +643,19 @@ def sweep_dir_for(sweep: dict, out_root: str | Path = "runs", smoke: bool = Fals
     return Path(out_root)/(sweep["name"] + ("-demo" if demo else "") + ("-smoke" if smoke else ""))
 
 # %% ../nbs/50_sweep.ipynb #916b5707
-def _prepare_sweep(config, out_root, jobs: int, smoke: bool, only, demo: bool) -> tuple:
+def _prepare_sweep(config, out_root, jobs: int, smoke: bool, only, demo: bool, rehearse: bool = False) -> tuple:
     "Load and check a sweep and its runs before anything runs; make its folder, write sweep.json."
     sweep = load_sweep(config)
+    if rehearse: sweep = rehearsal_sweep(sweep)
+    smoke = smoke or rehearse
     runs = select_runs(expand_runs(sweep, smoke, demo), only)
     _, defaults = notebook_parameters(sweep["notebook"])
     check_parameters(runs, defaults, sweep["notebook"], sweep["source"] or f"sweep {sweep['name']!r}")
     if jobs < 1: raise SweepError(f"jobs must be >= 1, got {jobs}")
-    sdir = sweep_dir_for(sweep, out_root, smoke, demo)
+    sdir = sweep_dir_for(sweep, out_root, smoke and not rehearse, demo)
     sdir.mkdir(parents=True, exist_ok=True)
     all_ids = [r.id for r in expand_runs(sweep, smoke, demo)]
-    meta = {**sweep, "smoke_mode": smoke, "demo_mode": demo, "run_ids": all_ids, "written": _now()}
+    meta = {**sweep, "smoke_mode": smoke, "demo_mode": demo, "rehearsal_mode": rehearse, "run_ids": all_ids, "written": _now()}
     _write_json(sdir/"sweep.json", meta)
     return sweep, runs, defaults, sdir
 
@@ -653,10 +712,12 @@ def _run_all(todo: list[Run], work, rows: dict, jobs: int, name: str, progress: 
 # %% ../nbs/50_sweep.ipynb #2f9b30fb
 def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: int = 1,
               device: str | None = None, smoke: bool = False, only: int | str | list[str] | None = None,
-              force: bool = False, progress: bool = True, demo: bool = False):
-    "Run every unfinished run of a sweep with papermill, `jobs` at a time; returns a frame of run statuses."
+              force: bool = False, progress: bool = True, demo: bool = False, rehearse: bool = False):
+    """Run every unfinished run of a sweep with papermill, `jobs` at a time; returns a frame of run statuses.
+    `rehearse`: the sweep's rehearsal (tiny random local models, generated fixtures; see `rehearsal_sweep`)."""
     import pandas as pd   # lazy (see the imports cell)
-    sweep, runs, defaults, sdir = _prepare_sweep(config, out_root, jobs, smoke, only, demo)
+    sweep, runs, defaults, sdir = _prepare_sweep(config, out_root, jobs, smoke, only, demo, rehearse)
+    smoke = smoke or rehearse
     todo = [r for r in runs if force or not is_finished(sdir/r.id, r.params)]
     earlier = {r.id: (_read_json(sdir/r.id/"status.json") or {}).get("wall_s")
                for r in runs if r not in todo}
