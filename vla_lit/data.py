@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #0fb0bb63
 from __future__ import annotations
-import csv, gzip, hashlib, io, json, os, re, struct, tarfile, warnings
+import csv, dataclasses, difflib, fnmatch, gzip, hashlib, io, json, os, re, struct, tarfile, urllib.parse, warnings, zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,10 +18,13 @@ from .core import cache_dir, embedded_path
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'SVG_RASTER_CACHE', 'TUXPAINT_CATEGORIES', 'TUXPAINT_CLASSNAMES', 'TUXPAINT_TEMPLATES',
            'TUXPAINT_HELDOUT', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_TEMPLATES', 'CIFAR10_CLASSES',
-           'CIFAR100_CLASSES', 'BadInputError', 'Record', 'load_rgba', 'load_image', 'load_mask', 'RecordSet',
-           'read_coco', 'read_karpathy', 'read_imagefolder', 'read_csv', 'read_webdataset', 'tuxpaint_root',
-           'random_split', 'concept_words', 'concept_split', 'tuxpaint', 'fashion_mnist', 'inverted_images',
-           'prompt_templates', 'imagenet_classnames', 'imagenet_photos', 'cifar_samples']
+           'CIFAR100_CLASSES', 'GCOMPRIS_SOURCES', 'GCOMPRIS_CLASSES', 'GCOMPRIS_TEMPLATES', 'DATA_FORMATS',
+           'BadInputError', 'Record', 'load_rgba', 'load_image', 'load_mask', 'RecordSet', 'read_coco', 'read_karpathy',
+           'read_imagefolder', 'read_csv', 'read_webdataset', 'tuxpaint_root', 'random_split', 'concept_words',
+           'concept_split', 'tuxpaint', 'fashion_mnist', 'inverted_images', 'prompt_templates', 'imagenet_classnames',
+           'imagenet_photos', 'cifar_samples', 'read_rcc', 'gcompris_rcc_root', 'gcompris_photos', 'gcompris_captions',
+           'parse_scalar', 'DataFormat', 'DataSpec', 'parse_data_spec', 'expand_braces', 'check_data_spec',
+           'data_specs', 'resolve_data']
 
 # %% ../nbs/02_data.ipynb #e3f7bd33
 class BadInputError(ValueError):
@@ -30,12 +33,13 @@ class BadInputError(ValueError):
 # %% ../nbs/02_data.ipynb #78045aa9
 @dataclass
 class Record:
-    "One item: an image path (or `archive::member`), its captions, an optional class label and group."
+    "One item: an image path (or `archive::member`), its captions, an optional class label, group and `meta`."
     id: str
     image: str | Path
     captions: list[str] = field(default_factory=list)
     label: int | None = None
     group: str | None = None
+    meta: dict = field(default_factory=dict)  # free-form: author, licence, source...; not fingerprinted
 
     @property
     def caption(self) -> str | None:
@@ -712,3 +716,741 @@ def cifar_samples(n_classes: int = 10) -> RecordSet:
     names = CIFAR10_CLASSES if n_classes == 10 else CIFAR100_CLASSES
     name = f"cifar{n_classes}"
     return _foolbox_set(name, names, prompt_templates(name), name)
+
+# %% ../nbs/02_data.ipynb #gc01
+_RCC_COMPRESSED, _RCC_DIRECTORY, _RCC_ZSTD = 1, 2, 4
+
+
+def _rcc_name(data: bytes, names: int, off: int) -> str:
+    (n,) = struct.unpack_from(">H", data, names + off)
+    return data[names + off + 6 : names + off + 6 + 2 * n].decode("utf-16-be")
+
+# %% ../nbs/02_data.ipynb #gc02
+def read_rcc(path: str | Path) -> dict[str, bytes]:
+    "The files of a Qt resource archive (`.rcc`): path inside the archive -> bytes (zlib entries inflated)."
+    data = Path(path).read_bytes()
+    if data[:4] != b"qres":
+        raise BadInputError(f"{path}: not a Qt resource archive (no 'qres' magic)")
+    version, tree, payload, names = struct.unpack_from(">IIII", data, 4)
+    node = 14 if version == 1 else 22
+    out, todo = {}, [(0, "")]
+    while todo:
+        i, prefix = todo.pop()
+        name_off, flags = struct.unpack_from(">IH", data, tree + i * node)
+        name = _rcc_name(data, names, name_off) if i else ""
+        path_in = f"{prefix}/{name}" if prefix else name
+        if flags & _RCC_DIRECTORY:
+            count, first = struct.unpack_from(">II", data, tree + i * node + 6)
+            todo += [(first + k, path_in) for k in range(count)]
+            continue
+        (off,) = struct.unpack_from(">I", data, tree + i * node + 10)
+        (size,) = struct.unpack_from(">I", data, payload + off)
+        blob = data[payload + off + 4 : payload + off + 4 + size]
+        if flags & _RCC_ZSTD:
+            raise BadInputError(f"{path}::{path_in}: zstd-compressed entries are not supported")
+        out[path_in] = zlib.decompress(blob[4:]) if flags & _RCC_COMPRESSED else blob
+    return dict(sorted(out.items()))
+
+# %% ../nbs/02_data.ipynb #gc07
+def gcompris_rcc_root() -> Path:
+    "The `rcc` folder of the embedded Debian package `gcompris-qt-data`."
+    return embedded_path("debian", "root", "usr", "share", "gcompris-qt", "rcc")
+
+# %% ../nbs/02_data.ipynb #gc10
+GCOMPRIS_SOURCES = [
+    ("categorization", "images/tools", "tool"),
+    ("categorization", "images/fishes", "fish"),
+    ("categorization", "images/monuments", "monument"),
+    ("categorization", "images/renewable", "renewable energy source"),
+    ("categorization", "images/others", "household object"),
+    ("erase", "", "animal"),
+    ("explore_monuments", "", "monument"),
+    ("explore_world_animals", "animals", "animal"),
+    ("explore_farm_animals", "animals", "animal"),
+    ("explore_world_music", "music", "musical group"),
+]
+GCOMPRIS_CLASSES = sorted({c for _, _, c in GCOMPRIS_SOURCES})
+GCOMPRIS_TEMPLATES = [
+    "a photo of a {c}.",
+    "a good photo of a {c}.",
+    "a close-up photo of a {c}.",
+    "a photo of the {c}.",
+    "a bright photo of a {c}.",
+    "a cropped photo of a {c}.",
+]
+
+# %% ../nbs/02_data.ipynb #gc12a
+_CREDIT_KEYS = {"Copyright": "author", "License": "licence", "Licence": "licence"}
+
+
+def _licence_name(text: str) -> str:
+    "One spelling per licence: 'CC-BY-SA 4.0' -> 'CC-BY-SA-4.0', 'Public domain' -> 'Public Domain'."
+    text = re.sub(r"(?<=[A-Za-z])\s+(?=\d)", "-", text.strip())
+    return "Public Domain" if text.lower() == "public domain" else text
+
+# %% ../nbs/02_data.ipynb #gc13
+def _parse_credits(text: str) -> list[dict]:
+    "The blocks of a GCompris credits README: {'author', 'licence', 'source', 'files': [...]}."
+    blocks = []
+    for chunk in re.split(r"\n\s*\n", text):
+        b, in_files = {"files": []}, False
+        for line in chunk.splitlines():
+            m = re.match(r"\s*(Copyright|Source|License|Licence|Comments|Files)\s*:\s*(.*)", line)
+            if m:
+                key, val = m.groups()
+                in_files = key == "Files"
+                if in_files:
+                    b["files"] += val.split()
+                else:
+                    b[_CREDIT_KEYS.get(key, key.lower())] = val.strip()
+            elif in_files and line.strip():
+                b["files"].append(line.strip())
+        if "licence" in b:
+            b["licence"] = _licence_name(b["licence"])
+        if b["files"]:
+            blocks.append(b)
+    return blocks
+
+# %% ../nbs/02_data.ipynb #gc16
+def _credit_for(files: dict[str, bytes], member: str) -> dict:
+    "Author, licence and source of archive member `member`, from the nearest README above it."
+    folder = os.path.dirname(member)
+    while "/resource" in folder:
+        readme = files.get(f"{folder}/README")
+        if readme is not None:
+            rel, blocks = member[len(folder) + 1 :], _parse_credits(readme.decode("utf-8", "replace"))
+            for b in blocks:
+                if any(f in (rel, os.path.basename(rel)) or fnmatch.fnmatch(rel, f) for f in b["files"]):
+                    return {k: v for k, v in b.items() if k != "files"}
+            # two READMEs misspell a file name (screDriver.webp, audaPalatina.webp): take a near-identical one
+            named = {f: b for b in blocks for f in b["files"]}
+            close = difflib.get_close_matches(rel, list(named), n=1, cutoff=0.9)
+            if close:
+                return {k: v for k, v in named[close[0]].items() if k != "files"}
+        folder = os.path.dirname(folder)
+    return {}
+
+# %% ../nbs/02_data.ipynb #gc19
+_QSTR = r'qsTr\("((?:[^"\\]|\\.)*)"\)'
+
+
+def _board_texts(qml: str) -> dict[str, tuple[str, str]]:
+    "Photo file name -> (title, full text) of the entries of an explore activity's board QML."
+    out = {}
+    for block in re.findall(r"\{[^{}]*\}", qml):
+        img = re.search(r'"image2"\s*:\s*"qrc:/([^"]+)"', block)
+        title = re.search(r'"title"\s*:\s*' + _QSTR, block)
+        text = re.search(r'"text"\s*:\s*' + _QSTR, block)
+        if img and title and text:
+            unq = lambda s: re.sub(r"\\(.)", r"\1", s)
+            out[img.group(1)] = (unq(title.group(1)), unq(text.group(1)))
+    return out
+
+# %% ../nbs/02_data.ipynb #gc20
+def _first_sentences(text: str, n: int = 3) -> str:
+    return " ".join(re.split(r"(?<=[.!?])\s+", text.strip())[:n])
+
+# %% ../nbs/02_data.ipynb #gc23
+_GC_NAME_FIXES = {
+    "plier": "pliers",
+    "tweezer": "tweezers",
+    "screw driver": "screwdriver",
+    "chamaeleon": "chameleon",
+    "blackslate": "blackboard",
+    "buffetset": "tea set",
+    "solar": "solar energy installation",
+    "geothermal": "geothermal power station",
+    "windmill": "wind turbine",
+    "erasers": "eraser",
+    "monument": "monument",
+    "le musee": "Louvre museum",
+    "burj": "Burj Khalifa",
+    "us capitol": "US Capitol",
+    "zimni palace": "Winter Palace",
+    "india gate": "India Gate",
+}
+
+
+def _object_name(stem: str) -> str:
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", re.sub(r"\d+$", "", stem)).replace("_", " ").lower().strip()
+    return _GC_NAME_FIXES.get(words, words)
+
+# %% ../nbs/02_data.ipynb #gc26
+def _gcompris_extract(rcc: Path, members: dict[str, bytes]) -> dict[str, Path]:
+    st = rcc.stat()
+    tag = hashlib.sha1(f"{rcc.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    root, out = cache_dir("gcompris", f"{rcc.stem}-{tag}"), {}
+    for m, data in members.items():
+        p = root / m.split("/resource/", 1)[1]
+        if not (p.is_file() and p.stat().st_size == len(data)):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        out[m] = p
+    return out
+
+# %% ../nbs/02_data.ipynb #gc27a
+def _gcompris_members(files: dict[str, bytes], act: str) -> dict[str, str]:
+    "The photos of activity `act` in its archive's `files`: member -> class."
+    base, photos = f"gcompris/src/activities/{act}/resource/", {}
+    for a, folder, cls in GCOMPRIS_SOURCES:
+        if a != act:
+            continue
+        pre = base + (folder + "/" if folder else "")
+        photos.update({m: cls for m in files if m.startswith(pre) and m.endswith(".webp")})
+    return photos
+
+# %% ../nbs/02_data.ipynb #gc27c
+def _gcompris_texts(files: dict[str, bytes]) -> dict[str, tuple[str, str]]:
+    "Photo member -> (title, text) over all board QML files of an activity archive."
+    boards = [b for q, b in files.items() if "/board/" in q and q.endswith(".qml")]
+    return {k: v for b in boards for k, v in _board_texts(b.decode("utf-8")).items()}
+
+# %% ../nbs/02_data.ipynb #gc28
+@lru_cache(maxsize=2)
+def _gcompris_records(root: str, stamp: tuple) -> tuple[tuple[Record, ...], tuple]:
+    recs, missing = [], []
+    for act in dict.fromkeys(a for a, _, _ in GCOMPRIS_SOURCES):
+        files = read_rcc(Path(root) / f"{act}.rcc")
+        texts, photos = _gcompris_texts(files), _gcompris_members(files, act)
+        paths = _gcompris_extract(Path(root) / f"{act}.rcc", {m: files[m] for m in photos})
+        for m, cls in photos.items():
+            rel = m.split("/resource/", 1)[1].rsplit(".", 1)[0]
+            title, text = texts.get(m, (None, None))
+            meta = {"activity": act, **_credit_for(files, m), "object": title or _object_name(Path(m).stem)}
+            if title:
+                meta.update(title=title, description=_first_sentences(text), text=text)
+            rec = Record(
+                f"gcompris/{act}/{rel}",
+                str(paths[m]),
+                [meta["object"]],
+                GCOMPRIS_CLASSES.index(cls),
+                cls,
+                meta,
+            )
+            recs.append(rec)
+        missing += [
+            (f"{act}.rcc::{k}", "described photo not in the archive") for k in texts if k not in files
+        ]
+    return tuple(recs), tuple(missing)
+
+# %% ../nbs/02_data.ipynb #gc29
+def _gcompris_all(strict: bool) -> tuple[list[Record], list]:
+    root = gcompris_rcc_root()
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.glob("*.rcc")))
+    recs, missing = _gcompris_records(str(root), stamp)
+    report = _Report(strict)
+    for where, why in missing:
+        report(where, why)
+    return [dataclasses.replace(r, captions=list(r.captions), meta=dict(r.meta)) for r in recs], report.items
+
+# %% ../nbs/02_data.ipynb #gc30
+def gcompris_photos(strict: bool = False) -> RecordSet:
+    "The 255 GCompris photos for classification: 7 classes, captions the objects, credits in `meta`."
+    recs, skipped = _gcompris_all(strict)
+    return RecordSet(recs, "gcompris_photos", list(GCOMPRIS_CLASSES), list(GCOMPRIS_TEMPLATES), skipped)
+
+# %% ../nbs/02_data.ipynb #gc31
+def gcompris_captions(strict: bool = False) -> RecordSet:
+    "The captioned GCompris photos for retrieval: captions [title, first sentences of the description]."
+    recs, skipped = _gcompris_all(strict)
+    out = [
+        dataclasses.replace(r, captions=[r.meta["title"], r.meta["description"]])
+        for r in recs
+        if "title" in r.meta
+    ]
+    return RecordSet(out, "gcompris_captions", list(GCOMPRIS_CLASSES), list(GCOMPRIS_TEMPLATES), skipped)
+
+# %% ../nbs/02_data.ipynb #ds02
+_INT_RE = re.compile(r"[-+]?[0-9]+")
+_FLOAT_RE = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
+def parse_scalar(text: str) -> int | float | bool | str:
+    "A spec value: an int, a float, `true`/`false` (only these spellings), else the string itself."
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    if _FLOAT_RE.fullmatch(text):
+        return float(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+# %% ../nbs/02_data.ipynb #ds05
+def _opt_int(lo: int):
+    def check(v, raw=None):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"expected an integer >= {lo}")
+        return v
+
+    return check
+
+# %% ../nbs/02_data.ipynb #ds05d
+def _opt_frac(v, raw=None):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ValueError("expected a number strictly between 0 and 1")
+    return float(v)
+
+# %% ../nbs/02_data.ipynb #ds05e
+def _opt_bool(v, raw=None):
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+# %% ../nbs/02_data.ipynb #ds06a
+def _opt_str(v, raw=None):
+    if isinstance(v, bool):
+        raise ValueError("expected a string")
+    if isinstance(v, (str, Path)):
+        return str(v)
+    if isinstance(v, (int, float)):
+        return raw if raw is not None else str(v)
+    raise ValueError("expected a string")
+
+# %% ../nbs/02_data.ipynb #ds06b
+def _opt_choice(*choices: str):
+    def check(v, raw=None):
+        if isinstance(v, bool) or v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return v
+
+    return check
+
+# %% ../nbs/02_data.ipynb #ds06e
+def _opt_name(v, raw=None):
+    v = _opt_str(v, raw)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", v):
+        raise ValueError("a set name is a metric-key prefix: letters, digits and _ only")
+    return v
+
+# %% ../nbs/02_data.ipynb #ds06f
+def _opt_classes(v, raw=None):
+    if v in ("all", "present"):
+        return v
+    try:
+        return _opt_int(1)(v)
+    except ValueError:
+        raise ValueError("expected all, present or an integer >= 1") from None
+
+# %% ../nbs/02_data.ipynb #ds09
+@dataclass
+class DataFormat:
+    "One data spec format: `path` is 'none', 'optional' or 'required'; `options` maps a name to its checker."
+
+    path: str
+    options: dict
+    defaults: dict
+    task: str
+    labelled: bool
+    required: tuple = ()
+    doc: str = ""
+
+# %% ../nbs/02_data.ipynb #ds11
+_COMMON_OPTIONS = {
+    "name": _opt_name,
+    "limit": _opt_int(1),
+    "task": _opt_choice("classification", "retrieval"),
+    "classes": _opt_classes,
+    "templates": _opt_str,
+    "ntemplates": _opt_int(1),
+    "invert": _opt_bool,
+}
+_COMMON_DEFAULTS = {"classes": "all", "invert": False}
+
+# %% ../nbs/02_data.ipynb #ds12
+DATA_FORMATS = {
+    "tuxpaint": DataFormat(
+        "optional",
+        {
+            "split": _opt_choice("all", "train", "test"),
+            "kind": _opt_choice("random", "concept"),
+            "test_frac": _opt_frac,
+            "seed": _opt_int(0),
+        },
+        {"split": "all", "kind": "random", "test_frac": 0.2, "seed": 0},
+        "classification",
+        True,
+        doc="Tux Paint stamps (path: another stamps folder)",
+    ),
+    "fashion-mnist": DataFormat(
+        "none",
+        {"split": _opt_choice("train", "test")},
+        {"split": "train"},
+        "classification",
+        True,
+        doc="Fashion-MNIST (Debian dataset-fashion-mnist)",
+    ),
+    "imagenet-photos": DataFormat("none", {}, {}, "classification", True, doc="20 ImageNet photos (foolbox)"),
+    "gcompris-photos": DataFormat("none", {}, {}, "classification", True, doc="GCompris photos by class"),
+    "gcompris-captions": DataFormat("none", {}, {}, "retrieval", True, doc="captioned GCompris photos"),
+    "coco": DataFormat(
+        "required", {"images": _opt_str}, {}, "retrieval", False, ("images",), "COCO captions JSON"
+    ),
+    "karpathy": DataFormat(
+        "required",
+        {"images": _opt_str, "split": _opt_str},
+        {},
+        "retrieval",
+        False,
+        ("images",),
+        "Karpathy split JSON",
+    ),
+    "imagefolder": DataFormat(
+        "required", {"classnames": _opt_str}, {}, "classification", True, doc="class-per-folder tree"
+    ),
+    "csv": DataFormat(
+        "required",
+        {"images": _opt_str, "sep": _opt_str},
+        {},
+        "retrieval",
+        False,
+        doc="CSV/TSV of (image, caption)",
+    ),
+    "wds": DataFormat("required", {}, {}, "retrieval", False, doc="webdataset tar shards"),
+}
+
+# %% ../nbs/02_data.ipynb #ds15
+_SPEC_ESCAPES = {"%": "%25", "?": "%3F", "&": "%26", ";": "%3B", "=": "%3D"}
+
+# %% ../nbs/02_data.ipynb #ds15a
+def _spec_quote(text: str) -> str:
+    return "".join(_SPEC_ESCAPES.get(ch, ch) for ch in text)
+
+# %% ../nbs/02_data.ipynb #ds15b
+def _spec_value(v) -> str:
+    "A value as the spec grammar writes it: true/false, a float's repr, else the (escaped) text."
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return _spec_quote(str(v))
+
+# %% ../nbs/02_data.ipynb #ds18
+@dataclass(frozen=True)
+class DataSpec:
+    "A parsed data spec: format, path (or None), sorted `(key, value)` options and the set's `name`."
+
+    format: str
+    path: str | None
+    options: tuple
+    name: str
+
+    def opt(self, key: str, default=None):
+        "Option `key` as given; else `default` if not None; else the format's default (None if it has none)."
+        d = dict(self.options)
+        if key in d:
+            return d[key]
+        if default is not None:
+            return default
+        if key == "task":
+            return DATA_FORMATS[self.format].task
+        return {**_COMMON_DEFAULTS, **DATA_FORMATS[self.format].defaults}.get(key)
+
+    def __str__(self):
+        s = self.format + (f":{_spec_quote(self.path)}" if self.path is not None else "")
+        opts = "&".join(f"{k}={_spec_value(v)}" for k, v in self.options)
+        return s + (f"?{opts}" if opts else "")
+
+# %% ../nbs/02_data.ipynb #ds20
+_FORMAT_NAMES = {
+    "tuxpaint": "tuxpaint",
+    "fashion-mnist": "fmnist",
+    "imagenet-photos": "imagenet",
+    "gcompris-photos": "gcompris",
+    "gcompris-captions": "gcompris_captions",
+}
+
+# %% ../nbs/02_data.ipynb #ds20a
+def _sanitise(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
+
+# %% ../nbs/02_data.ipynb #ds20c
+def _default_name(fmt: str, path: str | None, opts: dict) -> str:
+    if fmt in _FORMAT_NAMES:
+        name = _FORMAT_NAMES[fmt]
+        if fmt == "tuxpaint" and opts.get("split", "all") != "all":
+            name += f"_{opts['split']}"
+    else:
+        p = Path(path)
+        stem = p.parent.name if fmt == "wds" and any(ch in p.name for ch in "{*?[") else p.stem
+        name = _sanitise(stem) or fmt
+        if fmt == "karpathy" and "split" in opts:
+            name += f"_{_sanitise(str(opts['split']))}"
+    return name + ("_inverted" if opts.get("invert") else "")
+
+# %% ../nbs/02_data.ipynb #ds23
+def _spec_error(spec, msg: str) -> BadInputError:
+    text = spec if isinstance(spec, str) else str(spec) if isinstance(spec, DataSpec) else repr(spec)
+    return BadInputError(f"data spec {text!r}: {msg}")
+
+# %% ../nbs/02_data.ipynb #ds26
+_SPEC_RE = re.compile(r"(?P<format>[A-Za-z][A-Za-z0-9_-]*)(?::(?P<path>[^?]*))?(?:\?(?P<opts>.*))?", re.S)
+
+
+def _spec_parts(spec) -> tuple[str, str | None, list[tuple[str, object, str | None]]]:
+    "(format, path, [(key, value, text as written or None)]) of a spec string or dict."
+    if isinstance(spec, dict):
+        d = dict(spec)
+        if "format" not in d:
+            raise _spec_error(spec, "a dict spec needs a 'format' key")
+        fmt, path = d.pop("format"), d.pop("path", None)
+        opts = [
+            (str(k), parse_scalar(v) if isinstance(v, str) else v, v if isinstance(v, str) else None)
+            for k, v in d.items()
+        ]
+        return str(fmt), (None if path is None else str(path)), opts
+    if not isinstance(spec, str):
+        raise _spec_error(spec, "a data spec is a string, a dict or a DataSpec")
+    m = _SPEC_RE.fullmatch(spec.strip())
+    if m is None:
+        raise _spec_error(spec, "expected format[:path][?key=value&...]")
+    opts = []
+    for item in (m["opts"] or "").split("&"):
+        if not item:
+            continue
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise _spec_error(spec, f"option {item!r} is not key=value")
+        raw = urllib.parse.unquote(raw)
+        opts.append((key, parse_scalar(raw), raw))
+    path = None if m["path"] is None else urllib.parse.unquote(m["path"])
+    return m["format"], path, opts
+
+# %% ../nbs/02_data.ipynb #ds28a
+def _checked_options(spec, fmt: str, raw_opts: list) -> dict:
+    "The options of a spec of format `fmt`, each known to the format, given once and checked."
+    checkers, opts = {**_COMMON_OPTIONS, **DATA_FORMATS[fmt].options}, {}
+    for key, value, raw in raw_opts:
+        if key not in checkers:
+            raise _spec_error(
+                spec, f"unknown option {key!r} for format {fmt!r}; its options: {', '.join(sorted(checkers))}"
+            )
+        if key in opts:
+            raise _spec_error(spec, f"option {key!r} given twice")
+        try:
+            opts[key] = checkers[key](value, raw)
+        except ValueError as e:
+            raise _spec_error(spec, f"option {key}={raw if raw is not None else repr(value)}: {e}") from None
+    return opts
+
+# %% ../nbs/02_data.ipynb #ds29
+def parse_data_spec(spec: str | dict | DataSpec) -> DataSpec:
+    "Parse a data spec string or dict (see above) into a `DataSpec`; `BadInputError` naming it on bad syntax."
+    if isinstance(spec, DataSpec):
+        return spec
+    fmt, path, raw_opts = _spec_parts(spec)
+    if fmt not in DATA_FORMATS:
+        raise _spec_error(spec, f"unknown format {fmt!r}; known formats: {', '.join(DATA_FORMATS)}")
+    f = DATA_FORMATS[fmt]
+    if path is not None and not path.strip():
+        path = None
+    if f.path == "none" and path is not None:
+        raise _spec_error(spec, f"format {fmt!r} takes no path")
+    if f.path == "required" and path is None:
+        raise _spec_error(spec, f"format {fmt!r} needs a path ({fmt}:PATH)")
+    opts = _checked_options(spec, fmt, raw_opts)
+    missing = [k for k in f.required if k not in opts]
+    if missing:
+        raise _spec_error(spec, f"format {fmt!r} needs option {missing[0]}= (e.g. {missing[0]}=/data/img)")
+    if opts.get("task") == "classification" and not f.labelled:
+        raise _spec_error(spec, f"task=classification needs class labels, which format {fmt!r} does not have")
+    name = opts.get("name") or _default_name(fmt, path, opts)
+    return DataSpec(fmt, path, tuple(sorted(opts.items())), name)
+
+# %% ../nbs/02_data.ipynb #ds35
+_BRACE_RE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    "All strings a brace pattern stands for: `{0..3}` (zero-padded ranges, also descending), `{a,b}`."
+    m = _BRACE_RE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, rest = m.group(1), expand_braces(pattern[m.end() :])
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.groups()
+        width = max(len(a), len(b)) if (len(a) > 1 and a[0] == "0") or (len(b) > 1 and b[0] == "0") else 0
+        step = 1 if int(b) >= int(a) else -1
+        alts = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    else:
+        alts = body.split(",") if "," in body else [m.group(0)]
+    return [pattern[: m.start()] + a + t for a in alts for t in rest]
+
+# %% ../nbs/02_data.ipynb #ds37
+def _wds_shards(pattern: str) -> list[Path]:
+    "The existing shards a webdataset path names (braces expanded, globs matched), and the missing ones."
+    out = []
+    for p in expand_braces(pattern):
+        if any(ch in Path(p).name for ch in "*?["):
+            out += sorted(Path(p).parent.glob(Path(p).name))
+        else:
+            out.append(Path(p))
+    return list(dict.fromkeys(out))
+
+# %% ../nbs/02_data.ipynb #ds39
+@lru_cache(maxsize=8)
+def _karpathy_splits(path: str, mtime_ns: int) -> tuple[str, ...]:
+    d = json.loads(Path(path).read_text())
+    return tuple(sorted({str(im.get("split")) for im in d.get("images", [])}))
+
+# %% ../nbs/02_data.ipynb #ds41
+def _check_exists(p, what: str, kind: str = "file") -> str | None:
+    p = Path(p)
+    if kind == "file" and not p.is_file():
+        return f"{what} {p} is not an existing file"
+    if kind == "dir" and not p.is_dir():
+        return f"{what} {p} is not an existing folder"
+    return None
+
+# %% ../nbs/02_data.ipynb #ds41a
+def _check_embedded(find) -> str | None:
+    "None if `find()` finds the embedded data, else what is missing."
+    try:
+        find()
+    except FileNotFoundError as e:
+        return f"embedded data missing ({e})"
+    return None
+
+# %% ../nbs/02_data.ipynb #ds42
+def _check_karpathy(s: DataSpec) -> str | None:
+    err = _check_exists(s.path, "Karpathy file") or _check_exists(s.opt("images"), "images", "dir")
+    if err or s.opt("split") is None:
+        return err
+    try:
+        have = _karpathy_splits(s.path, os.stat(s.path).st_mtime_ns)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{s.path} is not a JSON file ({e})"
+    want = {"train", "restval"} if s.opt("split") == "train" else {s.opt("split")}
+    if not want & set(have):
+        return f"split {s.opt('split')!r} is not in {s.path}; its splits: {', '.join(have)}"
+    return None
+
+# %% ../nbs/02_data.ipynb #ds43
+def _check_imagefolder(s: DataSpec) -> str | None:
+    err = _check_exists(s.path, "image folder", "dir")
+    if err:
+        return err
+    folders = sorted(p.name for p in Path(s.path).iterdir() if p.is_dir())
+    if not folders:
+        return f"{s.path} has no class folders"
+    if s.opt("classnames") is None:
+        return None
+    err = _check_exists(s.opt("classnames"), "classnames file")
+    if err:
+        return err
+    try:
+        names = _read_classnames(Path(s.opt("classnames")), folders)
+    except (BadInputError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        return f"classnames file does not match the class folders: {e}"
+    missing = [f for f in folders if f not in names]
+    if missing:
+        return f"classnames file {s.opt('classnames')} has no name for folders {missing[:5]}"
+    return None
+
+# %% ../nbs/02_data.ipynb #ds44
+def _check_wds(s: DataSpec) -> str | None:
+    shards = _wds_shards(s.path)
+    if not any(p.is_file() for p in shards):
+        return f"shard pattern {s.path} matches no file ({len(shards)} names tried, e.g. {shards[0]})"
+    return None
+
+# %% ../nbs/02_data.ipynb #ds45
+def _check_templates(s: DataSpec) -> str | None:
+    t = s.opt("templates")
+    if t is None:
+        return None
+    known = _clip_benchmark_json("en_zeroshot_classification_templates.json")
+    if known is None:
+        return "templates= needs the embedded clip_benchmark package (make install)"
+    if t not in known:
+        return f"templates={t!r} is not a clip_benchmark data set; known: {', '.join(known)}"
+    return None
+
+# %% ../nbs/02_data.ipynb #ds47
+_SPEC_CHECKS = {
+    "tuxpaint": lambda s: (
+        _check_exists(s.path, "stamps folder", "dir")
+        if s.path is not None
+        else _check_embedded(tuxpaint_root)
+    ),
+    "fashion-mnist": lambda s: _check_embedded(
+        lambda: embedded_path("debian", "root", "usr", "share", "datasets", "fashion-mnist")
+    ),
+    "imagenet-photos": lambda s: _check_embedded(lambda: embedded_path("foolbox", "data")),
+    "gcompris-photos": lambda s: _check_embedded(gcompris_rcc_root),
+    "gcompris-captions": lambda s: _check_embedded(gcompris_rcc_root),
+    "coco": lambda s: _check_exists(s.path, "COCO captions file")
+    or _check_exists(s.opt("images"), "images", "dir"),
+    "karpathy": _check_karpathy,
+    "imagefolder": _check_imagefolder,
+    "csv": lambda s: _check_exists(s.path, "CSV file")
+    or (_check_exists(s.opt("images"), "images", "dir") if s.opt("images") is not None else None),
+    "wds": _check_wds,
+}
+
+# %% ../nbs/02_data.ipynb #ds48
+def check_data_spec(spec: str | dict | DataSpec) -> DataSpec:
+    "Parse `spec` and check its files (exist, split present, shards match, class names fit); no model loads."
+    s = parse_data_spec(spec)
+    err = _SPEC_CHECKS[s.format](s) or _check_templates(s)
+    if err:
+        raise _spec_error(spec, err)
+    return s
+
+# %% ../nbs/02_data.ipynb #ds50
+def data_specs(specs: str | dict | DataSpec | Sequence | None) -> list[DataSpec]:
+    "The parsed specs of a list, or of one string of specs joined by ';' (None: none)."
+    if specs is None:
+        return []
+    if isinstance(specs, (str, dict, DataSpec)):
+        specs = [specs]
+    out = []
+    for s in specs:
+        parts = [p for p in s.split(";") if p.strip()] if isinstance(s, str) else [s]
+        out += [parse_data_spec(p) for p in parts]
+    names = [s.name for s in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BadInputError(
+            f"data specs {[str(s) for s in out]}: several sets named {dup}; give each a name="
+        )
+    return out
+
+# %% ../nbs/02_data.ipynb #ds53
+def _read_tuxpaint_spec(s: DataSpec, strict: bool) -> RecordSet:
+    split = s.opt("split")
+    return tuxpaint(
+        None if split == "all" else split,
+        s.opt("kind"),
+        s.opt("test_frac"),
+        s.opt("seed"),
+        strict=strict,
+        root=s.path,
+    )
+
+
+_SPEC_READERS = {
+    "tuxpaint": _read_tuxpaint_spec,
+    "fashion-mnist": lambda s, strict: fashion_mnist(s.opt("split"), limit=s.opt("limit")),
+    "imagenet-photos": lambda s, strict: imagenet_photos(),
+    "gcompris-photos": lambda s, strict: gcompris_photos(strict=strict),
+    "gcompris-captions": lambda s, strict: gcompris_captions(strict=strict),
+    "coco": lambda s, strict: read_coco(s.path, s.opt("images"), strict),
+    "karpathy": lambda s, strict: read_karpathy(s.path, s.opt("images"), s.opt("split"), strict),
+    "imagefolder": lambda s, strict: read_imagefolder(s.path, s.opt("classnames"), strict),
+    "csv": lambda s, strict: read_csv(s.path, s.opt("images"), s.opt("sep"), strict),
+    "wds": lambda s, strict: read_webdataset(_wds_shards(s.path), strict),
+}
+
+# %% ../nbs/02_data.ipynb #ds56
+def resolve_data(spec: str | dict | DataSpec, strict: bool = False) -> RecordSet:
+    "The records of a data spec (checked first); `RecordSet.name` is the spec's name."
+    s = check_data_spec(spec)
+    rs = _SPEC_READERS[s.format](s, strict)
+    if s.opt("limit") is not None:
+        rs = rs[: s.opt("limit")]
+    if s.opt("invert"):
+        rs = inverted_images(rs)
+    return rs.subset(rs.records, s.name)
