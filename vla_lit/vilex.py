@@ -8,12 +8,16 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 from fastcore.basics import patch
-from .models import freeze
+from .core import get_device
+from .decoder import load_decoder
+from .features import extract_features
+from .models import freeze, load_vision
 from .t2i import (T2IDecoder, diffusion_mse, encode_embeds, input_embedding, prompt_embeds,
-                         sample_images, special_token_ids, weighted_noise, word_ids)
+                         sample_images, special_token_ids, tiny_random_sd, weighted_noise, word_ids)
 
 # %% auto #0
-__all__ = ['AttentionPooling', 'tail_drop_keep', 'tail_drop_mask', 'ViLex', 'text_free_weights', 'guided_noise']
+__all__ = ['AttentionPooling', 'tail_drop_keep', 'tail_drop_mask', 'ViLex', 'text_free_weights', 'guided_noise', 'pool_states',
+           'ViLexEmbedder', 'load_frozen_decoder', 'embedder_from_head']
 
 # %% ../nbs/40_vilex.ipynb #2b95d57c
 class AttentionPooling(nn.Module):
@@ -237,3 +241,129 @@ def sample(self: ViLex, batch: dict | None = None, vilex: torch.Tensor | None = 
 def generate(self: ViLex, captions: Sequence[str], guidance: float = 1.0, **kw) -> torch.Tensor:
     "Caption-only generation with the same decoder (classifier-free guidance scale `guidance`)."
     return self.sample(words=captions, s_text=guidance, **kw)
+
+# %% ../nbs/40_vilex.ipynb #404a148d
+def pool_states(h: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    "One vector per prompt from states h [B,L,d] and mask [B,L]: masked mean ('mean') or the EOS state ('eos')."
+    if how == "mean":
+        m = mask.to(h.dtype)[..., None]
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+    if how == "eos":
+        last = mask.long().sum(1).clamp_min(1) - 1               # EOS is the last unmasked position
+        return h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]
+    raise ValueError(f"pool_states: how must be 'mean' or 'eos', got {how!r}")
+
+# %% ../nbs/40_vilex.ipynb #50f08762
+@patch
+def prompt_vectors(self: ViLex, vilex: torch.Tensor | None = None, words: list[list[int]] | None = None,
+                   n_keep: int | None = None, pool: str = "mean", batch_size: int = 64) -> torch.Tensor:
+    "Pooled text-encoder states [B, d_ctx] of ViLex prompts (first `n_keep` tokens) or of word-id prompts."
+    if (vilex is None) == (words is None):
+        raise ValueError("prompt_vectors: give ViLex tokens or words, exactly one of them")
+    B = vilex.shape[0] if vilex is not None else len(words)
+    k = min(n_keep or self.n_tokens, self.n_tokens)
+    out = []
+    with torch.no_grad():
+        for i in range(0, B, batch_size):
+            v = None if vilex is None else vilex[i:i + batch_size]
+            w = None if words is None else words[i:i + batch_size]
+            keep = None if v is None else tail_drop_mask(k, self.n_tokens, v.shape[0]).to(v.device)
+            h, m = self.context(v, keep, w)
+            out.append(pool_states(h.float(), m, pool).cpu())
+    if not out:
+        return torch.empty(0, self.decoder.text_encoder.config.hidden_size)
+    return torch.cat(out)
+
+# %% ../nbs/40_vilex.ipynb #53ef32d4
+class ViLexEmbedder:
+    "Images -> pooled text-encoder states of their ViLex prompt; texts -> of their caption prompt (suite protocol)."
+    def __init__(self, vilex: ViLex, vision, vision_size: int | None = None, n_keep: int | None = None,
+                 pool: str = "mean", batch_size: int = 64, extract_batch_size: int = 32,
+                 extract_workers: int = 0, progress: bool = False):
+        if pool not in ("mean", "eos"):
+            raise ValueError(f"ViLexEmbedder: pool must be 'mean' or 'eos', got {pool!r}")
+        self.vilex, self.vision, self.vision_size = vilex.eval(), vision, vision_size
+        self.n_keep, self.pool, self.batch_size = n_keep, pool, batch_size
+        self.extract_batch_size, self.extract_workers, self.progress = extract_batch_size, extract_workers, progress
+
+    def __repr__(self):
+        return (f"ViLexEmbedder({self.vilex.decoder.name}, {getattr(self.vision, 'name', '?')}@{self.vision_size}, "
+                f"N={self.vilex.n_tokens}, keep={self.n_keep or self.vilex.n_tokens}, pool={self.pool})")
+
+# %% ../nbs/40_vilex.ipynb #98b4e1cf
+@patch
+def embed_images(self: ViLexEmbedder, records) -> tuple[torch.Tensor, list[str]]:
+    "Rows [N, d_ctx] for the records whose image decoded (patch features from the cache) and their ids."
+    fc = extract_features(self.vision, records, pooling=("patches",), image_size=self.vision_size,
+                          batch_size=self.extract_batch_size, num_workers=self.extract_workers,
+                          progress=self.progress)
+    ids = [r.id for r in records if fc.has(r.id)]
+    vl, rows = self.vilex, []
+    for i in range(0, len(ids), self.batch_size):
+        with torch.no_grad():
+            v = vl.tokens({"patches": fc.take("patches", ids[i:i + self.batch_size])})
+        rows.append(vl.prompt_vectors(v, n_keep=self.n_keep, pool=self.pool, batch_size=self.batch_size))
+    if not rows:
+        return torch.empty(0, vl.decoder.text_encoder.config.hidden_size), ids
+    return torch.cat(rows), ids
+
+# %% ../nbs/40_vilex.ipynb #239673d6
+@patch
+def embed_texts(self: ViLexEmbedder, texts: Sequence[str]) -> torch.Tensor:
+    "Rows [M, d_ctx]: each text as a word prompt through the frozen text encoder, pooled like the images."
+    d = self.vilex.decoder
+    limit = d.pad_to or getattr(d.text_encoder.config, "max_position_embeddings", None)
+    ids = word_ids(d.tokenizer, list(texts))
+    if limit:
+        ids = [i[:limit - 2] for i in ids]          # a long text keeps its first words (BOS, EOS take two slots)
+    return self.vilex.prompt_vectors(words=ids, pool=self.pool, batch_size=self.batch_size)
+
+# %% ../nbs/40_vilex.ipynb #0498334b
+@patch
+def head_params(self: ViLex) -> dict:
+    "The pooling's shape: what `embedder_from_head` needs to rebuild it (with the decoder it names)."
+    b = self.pool.blocks[0]["attn"] if len(self.pool.blocks) else None
+    return dict(feature_dim=self.pool.in_dim, n_tokens=self.n_tokens, width=self.pool.queries.shape[1],
+                heads=b.num_heads if b is not None else 1, depth=len(self.pool.blocks),
+                p_taildrop=self.p_taildrop, p_caption=self.p_caption)
+
+# %% ../nbs/40_vilex.ipynb #0087203a
+def load_frozen_decoder(params: dict, device=None) -> T2IDecoder:
+    "The frozen T2I decoder a head's params name: `decoder_hub_id` (or 'tiny-random-sd'), else `decoder_dir`."
+    dev = get_device(device)
+    hub = params.get("decoder_hub_id") or ""
+    if hub == "tiny-random-sd":
+        d = tiny_random_sd()
+        for m in d.modules().values():
+            m.to(dev)
+        return d
+    if hub:
+        return T2IDecoder.from_pretrained(hub, device=dev)
+    if not params.get("decoder_dir"):
+        raise ValueError("ViLex head: params name no decoder (decoder_hub_id or decoder_dir)")
+    d = load_decoder(params["decoder_dir"], device=dev)
+    want, got = params.get("decoder_steps"), d.info.get("steps")
+    if want is not None and want >= 0 and got != want:
+        raise ValueError(f"ViLex head: the decoder at {params['decoder_dir']} has {got} training steps, "
+                         f"the run was trained against one of {want}")
+    return d
+
+# %% ../nbs/40_vilex.ipynb #3e33b842
+def embedder_from_head(head: dict, device=None) -> ViLexEmbedder:
+    "Rebuild a run's `ViLexEmbedder` from what `evaluate.save_head` stored (mechanism, state, params)."
+    if head.get("mechanism", "vilex") != "vilex":
+        raise ValueError(f"embedder_from_head: a {head.get('mechanism')!r} head, not a ViLex one")
+    p, state = head["params"], head["state"]
+    variant = p.get("variant") or next(iter(state))
+    if variant not in state:
+        raise ValueError(f"ViLex head: variant {variant!r} not saved (have {sorted(state)})")
+    dev = get_device(device)
+    vl = ViLex(load_frozen_decoder(p, dev), feature_dim=p["feature_dim"], n_tokens=p["n_tokens"],
+               p_taildrop=p.get("p_taildrop", 0.5), p_caption=p.get("p_caption", 0.0), width=p["width"],
+               heads=p.get("heads", 4), depth=p.get("depth", 1))
+    vl.load_trainable_state_dict(state[variant])
+    vl.pool.to(dev)
+    return ViLexEmbedder(vl, load_vision(p["vision"], device=dev), vision_size=p.get("vision_size"),
+                         n_keep=p.get("eval_keep"), pool=p.get("eval_pool", "mean"),
+                         extract_batch_size=p.get("extract_batch_size", 32),
+                         extract_workers=p.get("extract_workers", 0))
