@@ -204,8 +204,10 @@ def test_summary_notebook(tmp_path):
 
 @pytest.mark.parametrize("sweep_file", SWEEPS, ids=lambda p: p.name)
 def test_shipped_sweep_smoke(sweep_file, tmp_path):
-    "Every shipped sweep file is valid, and its notebook runs once with the sweep's smoke overrides."
+    """Every shipped sweep file is valid, and its notebook runs once with the sweep's smoke overrides; a GPU sweep
+    (`*_gpu.yaml`) runs its rehearsal instead: every distinct run, tiny random local models, generated data."""
     sw = load_sweep(sweep_file)
+    if sweep_file.name.endswith("_gpu.yaml"): return _rehearse(sweep_file, sw, tmp_path)
     assert sw["smoke"], f"{sweep_file.name} has no `smoke` overrides"
     _, defaults = notebook_parameters(sw["notebook"])
     assert defaults is None or "out_dir" in defaults
@@ -225,6 +227,24 @@ def test_shipped_sweep_smoke(sweep_file, tmp_path):
     if sw["metrics"]:
         missing = [k for k in sw["metrics"] if k not in m]
         assert not missing, f"{sweep_file.name} tabulates {missing}, which its notebook's metrics.json lacks"
+    collect(sdir)
+
+
+def _rehearse(sweep_file, sw, tmp_path):
+    "The rehearsal of a GPU sweep: every run ok, every tabulated metric written, the table collected."
+    assert any(sw["rehearsal"].values()), f"{sweep_file.name} has no `rehearsal` block"
+    _, defaults = notebook_parameters(sw["notebook"])
+    check_parameters(expand_runs(sw), defaults, sw["notebook"], sweep_file.name)
+    res = run_sweep(sweep_file, out_root=tmp_path, rehearse=True, progress=False)
+    sdir = tmp_path/(sw["name"] + "-rehearsal")
+    for rid, st in res.status.items():
+        assert st == "ok", (sdir/rid/"log.txt").read_text()[-4000:]
+        m = json.loads((sdir/rid/"metrics.json").read_text())
+        missing = [k for k in sw["metrics"] or [] if k not in m]
+        assert not missing, f"{sweep_file.name} tabulates {missing}, which its rehearsal's metrics.json lacks"
+        params = json.loads((sdir/rid/"params.json").read_text())
+        hub = [v for v in params.values() if isinstance(v, str) and v in sw["rehearsal"]["models"]]
+        assert not hub, f"{rid}: hub ids left in a rehearsal run: {hub}"
     collect(sdir)
 
 
