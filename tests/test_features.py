@@ -6,13 +6,15 @@
   lock and reads the finished cache, and nothing is deleted under anyone's feet;
 - resume after the extracting process is killed (SIGKILL, no chance to clean up): finished shards are kept,
   the rerun computes only the rest, and the result equals an uninterrupted run;
+- 2-process extraction of streamed webdataset shards (`WebDatasetSource`) under torchrun/gloo, with a
+  DataLoader worker per rank: tar shard k on rank k % 2, rank 0 writes the manifest, the result (rows, ids,
+  captions, skipped report) equals a 1-process run;
 - another input side (`image_size`) reaches the DataLoader worker processes, and the encoder's own side is
   restored afterwards.
 The encoder is a stand-in (tiny, seeded random weights; NOT a pretrained model) so the tests run in seconds.
 """
 import importlib.util, json, os, signal, subprocess, sys, time
 from pathlib import Path
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +59,22 @@ def run(root, sleep=0.0, num_workers=0):
                           num_workers=num_workers, root=root, progress=False)
     return fc, enc
 
+def wds_run(root, pattern, num_workers=0):
+    from vla_lit.features import WebDatasetSource
+    enc = StandInEncoder()
+    fc = extract_features(enc, WebDatasetSource(pattern), pooling=("cls", "patches"), batch_size=2,
+                          num_workers=num_workers, root=root, progress=False)
+    return fc, enc
+
 if __name__ == "__main__":
     mode, root = sys.argv[1], sys.argv[2]
-    if mode == "dist":
+    if mode == "wds_dist":
+        dist.init_process_group("gloo")
+        fc, enc = wds_run(root, sys.argv[3], num_workers=1)
+        out = {"rank": dist.get_rank(), "key": fc.key, "calls": enc.calls, "rows": len(fc)}
+        (__import__("pathlib").Path(root) / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
+    elif mode == "dist":
         dist.init_process_group("gloo")
         fc, enc = run(root)
         out = {"rank": dist.get_rank(), "world": dist.get_world_size(), "key": fc.key, "calls": enc.calls, "rows": len(fc)}
@@ -194,3 +209,44 @@ def test_image_size_reaches_workers_and_is_restored(tmp_path):
     assert enc.image_size == 224
     assert a.key == b.key and a.shapes["patches"] == (6, (112 // 14) ** 2, enc.dim)
     assert torch.equal(a["patches"], b["patches"])
+
+
+def _write_shards(d, n_shards=5, per=3):
+    "Webdataset tar shards of Tux Paint stamps (PNG + caption); sample 0 of shard 1 has a truncated PNG."
+    import webdataset as wds
+    from vla_lit.data import tuxpaint
+    pngs = [r for r in tuxpaint() if str(r.image).endswith(".png")]
+    d.mkdir()
+    for k in range(n_shards):
+        with wds.TarWriter(str(d / f"part-{k:03d}.tar")) as w:
+            for j, r in enumerate(pngs[k * per:(k + 1) * per]):
+                png = Path(r.image).read_bytes()
+                w.write({"__key__": f"{j:04d}", "png": png[:150] if (k, j) == (1, 0) else png, "txt": r.caption})
+    return str(d / ("part-{000..%03d}.tar" % (n_shards - 1)))
+
+
+def test_two_process_gloo_streamed_shards(tmp_path):
+    script, mod = _load_script(tmp_path)
+    pattern = _write_shards(tmp_path / "shards")
+    root = tmp_path / "wdist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "wds_dist", str(root), pattern]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    outs = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert outs[0]["key"] == outs[1]["key"]
+    (key_dir,) = [d for d in root.iterdir() if d.is_dir()]
+    manifest = json.loads((key_dir / "manifest.json").read_text())
+    assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0, 1, 0]
+    assert [s["rows"] for s in manifest["shards"]] == [3, 2, 3, 3, 3]
+    # rank 0: shards 0, 2, 4 (3 samples each, batches of 2 -> 2 forwards each); rank 1: shard 1 (2 good: 1), 3 (2)
+    assert outs[0]["calls"] == 6 and outs[1]["calls"] == 3
+    (bad,) = manifest["skipped"]
+    assert bad[0].endswith("part-001.tar::0000") and "cannot decode image" in bad[1]
+    single, _ = mod.wds_run(tmp_path / "wsingle", pattern)
+    from vla_lit.features import FeatureCache
+    dist_fc = FeatureCache(key_dir)
+    assert dist_fc.key == single.key and len(dist_fc) == 14
+    _same(dist_fc, single)
+    assert dist_fc.captions() == single.captions() and dist_fc.skipped == single.skipped
+    assert dist_fc.ids[0] == "wds/part-000/0000"

@@ -23,8 +23,8 @@ __all__ = ['IMAGE_EXTS', 'SVG_RASTER_CACHE', 'TUXPAINT_CATEGORIES', 'TUXPAINT_CL
            'read_imagefolder', 'read_csv', 'read_webdataset', 'tuxpaint_root', 'random_split', 'concept_words',
            'concept_split', 'tuxpaint', 'fashion_mnist', 'inverted_images', 'prompt_templates', 'imagenet_classnames',
            'imagenet_photos', 'cifar_samples', 'read_rcc', 'gcompris_rcc_root', 'gcompris_photos', 'gcompris_captions',
-           'parse_scalar', 'DataFormat', 'DataSpec', 'parse_data_spec', 'expand_braces', 'check_data_spec',
-           'data_specs', 'resolve_data']
+           'parse_scalar', 'DataFormat', 'DataSpec', 'parse_data_spec', 'expand_braces', 'wds_shards',
+           'check_data_spec', 'data_specs', 'resolve_data']
 
 # %% ../nbs/02_data.ipynb #e3f7bd33
 class BadInputError(ValueError):
@@ -1279,7 +1279,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern[: m.start()] + a + t for a in alts for t in rest]
 
 # %% ../nbs/02_data.ipynb #ds37
-def _wds_shards(pattern: str) -> list[Path]:
+def wds_shards(pattern: str) -> list[Path]:
     "The existing shards a webdataset path names (braces expanded, globs matched), and the missing ones."
     out = []
     for p in expand_braces(pattern):
@@ -1351,7 +1351,7 @@ def _check_imagefolder(s: DataSpec) -> str | None:
 
 # %% ../nbs/02_data.ipynb #ds44
 def _check_wds(s: DataSpec) -> str | None:
-    shards = _wds_shards(s.path)
+    shards = wds_shards(s.path)
     if not any(p.is_file() for p in shards):
         return f"shard pattern {s.path} matches no file ({len(shards)} names tried, e.g. {shards[0]})"
     return None
@@ -1441,7 +1441,7 @@ _SPEC_READERS = {
     "karpathy": lambda s, strict: read_karpathy(s.path, s.opt("images"), s.opt("split"), strict),
     "imagefolder": lambda s, strict: read_imagefolder(s.path, s.opt("classnames"), strict),
     "csv": lambda s, strict: read_csv(s.path, s.opt("images"), s.opt("sep"), strict),
-    "wds": lambda s, strict: read_webdataset(_wds_shards(s.path), strict),
+    "wds": lambda s, strict: read_webdataset(wds_shards(s.path), strict),
 }
 
 # %% ../nbs/02_data.ipynb #ds56

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_features.ipynb #88962ac1
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, sys, time
+import contextlib, hashlib, io, json, math, os, sys, time
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no cross-process lock
 from dataclasses import dataclass
@@ -14,16 +14,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import webdataset as wds
 from fastcore.basics import patch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from .core import cache_dir, default_dtype
-from .data import BadInputError, Record, RecordSet, load_image
+from .data import BadInputError, Record, RecordSet, load_image, wds_shards
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'POOLINGS', 'sha256_file', 'records_fingerprint', 'texts_fingerprint', 'feature_key', 'FeatureCache',
-           'extract_features', 'caption_key', 'extract_text_features', 'pool_patch_grid']
+__all__ = ['FORMAT_VERSION', 'POOLINGS', 'WDS_IMAGE_EXTS', 'sha256_file', 'records_fingerprint', 'texts_fingerprint',
+           'feature_key', 'FeatureCache', 'WebDatasetSource', 'extract_features', 'caption_key',
+           'extract_text_features', 'pool_patch_grid']
 
 # %% ../nbs/03_features.ipynb #6d43ed82
 FORMAT_VERSION = 1  # part of every key and manifest: a new storage layout gets new keys
@@ -98,11 +101,12 @@ def _shard_paths(root: Path, k: int) -> tuple[Path, Path]:
 
 # %% ../nbs/03_features.ipynb #2271d706
 def _write_shard(root: Path, k: int, tensors: dict[str, torch.Tensor], ids: list[str],
-                 skipped: list) -> dict:
-    "Write shard `k` (tensors + row ids), then its receipt; returns the receipt."
+                 skipped: list, captions: list | None = None) -> dict:
+    "Write shard `k` (tensors, row ids, the rows' captions if given), then its receipt; returns the receipt."
     f, receipt = _shard_paths(root, k)
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     meta = {"ids": json.dumps(ids, ensure_ascii=False)}
+    if captions is not None: meta["captions"] = json.dumps(captions, ensure_ascii=False)
     _atomic_write(f, lambda p: save_file(tensors, str(p), metadata=meta))
     info = {"file": f.name, "rows": len(ids), "bytes": f.stat().st_size, "sha256": sha256_file(f),
             "rank": _dist()[0], "skipped": skipped}
@@ -132,6 +136,7 @@ class FeatureCache:
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self._handles: dict[int, Any] = {}
         self._ids: list[str] | None = None
+        self._captions: list[list[str]] | None = None
         self._pos: dict[str, int] | None = None
 
     def __getstate__(self): return {**self.__dict__, "_handles": {}}
@@ -245,8 +250,8 @@ def _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, o
     if cached is not None: return cached
     ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
     todo = _todo_shards(out, ranges, recompute, rank, world)
-    for k, tensors, ids, skipped in produce(todo):  # each shard is written as soon as it is complete
-        _write_shard(out, k, tensors, ids, skipped)
+    for k, tensors, ids, skipped, *captions in produce(todo):  # each shard written as soon as complete
+        _write_shard(out, k, tensors, ids, skipped, *captions)
     if world > 1: dist.barrier()
     if rank == 0: _write_manifest(out, kind, key, key_parts, ranges, pre_skipped)
     if world > 1: dist.barrier()
@@ -271,6 +276,24 @@ def ids(self: FeatureCache) -> list[str]:
     if self._ids is None:
         self._ids = [i for k in range(len(self.shards)) for i in json.loads(self._h(k).metadata()["ids"])]
     return self._ids
+
+# %% ../nbs/03_features.ipynb #c5d600f7
+@patch
+def captions(self: FeatureCache, ids: Sequence[str] | None = None) -> list[list[str]]:
+    "The captions stored with each row (all rows, or the rows with ids `ids`, in that order)."
+    if self._captions is None:
+        metas = [self._h(k).metadata() for k in range(len(self.shards))]
+        if any("captions" not in m for m in metas):
+            raise KeyError(f"{self.path}: its shards store no captions (text features, or an older layout)")
+        self._captions = [c for m in metas for c in json.loads(m["captions"])]
+    if ids is None: return list(self._captions)
+    return [self._captions[r] for r in self.rows(ids)]
+
+# %% ../nbs/03_features.ipynb #a95c5a37
+@patch
+def caption_records(self: FeatureCache) -> list[Record]:
+    "One Record (row id, its stored captions, no image) per row: the input of `extract_text_features`."
+    return [Record(i, "", c) for i, c in zip(self.ids, self.captions())]
 
 # %% ../nbs/03_features.ipynb #735fa842
 @patch
@@ -429,6 +452,21 @@ def _as_dtype(d) -> torch.dtype | None:
     "A torch dtype from a dtype or a name ('bf16', 'fp16', ...); None stays None."
     return None if d is None else default_dtype("cpu", d)
 
+# %% ../nbs/03_features.ipynb #80bdf7e1
+@contextlib.contextmanager
+def _encoder_device(encoder, device):
+    "Inside the block, `move()` puts the encoder on `device` (once, None: never); on exit it goes back."
+    home = _encoder_place(encoder)[0]
+    moved = []
+    def move():
+        if device is not None and not moved and torch.device(device) != home:
+            encoder.to(device)
+            moved.append(True)
+    try:
+        yield move
+    finally:
+        if moved: encoder.to(home)
+
 # %% ../nbs/03_features.ipynb #42b2293f
 def _check_image_size(encoder, side: int | None):
     "A usable side: positive, a multiple of the encoder's patch size, and an encoder with `.image_size`."
@@ -477,6 +515,7 @@ class _VisionRun:
     strict: bool
     progress: bool
     side: int | None = None
+    move: Callable[[], None] = lambda: None  # puts the encoder on `device` (see `_encoder_device`)
 
 # %% ../nbs/03_features.ipynb #6bef76ea
 def _image_loader(run: _VisionRun, todo: list) -> torch.utils.data.DataLoader:
@@ -508,7 +547,7 @@ def _stack_rows(parts: list, name: str, D: int | None, dtype: torch.dtype) -> to
 
 # %% ../nbs/03_features.ipynb #67653209
 def _vision_shard(run: _VisionRun, k: int, size: int, it: Iterator, bar) -> tuple[int, dict, list, list]:
-    "Shard `k`: encode its `size` items from the batch iterator `it` -> (k, tensors, ids, skipped)."
+    "Shard `k`: its `size` items from the batch iterator `it` -> (k, tensors, ids, skipped, captions)."
     acc = {n: [] for n in run.pooling}
     idx, skipped, seen = [], [], 0
     while seen < size:
@@ -525,12 +564,13 @@ def _vision_shard(run: _VisionRun, k: int, size: int, it: Iterator, bar) -> tupl
     D = getattr(run.encoder, "dim", None)
     tensors = {n: _stack_rows(acc[n], n, D, run.sdtype) for n in run.pooling}
     tensors["index"] = torch.tensor(idx, dtype=torch.int64)
-    return k, tensors, [run.records[i].id for i in idx], skipped
+    return k, tensors, [run.records[i].id for i in idx], skipped, [run.records[i].captions for i in idx]
 
 # %% ../nbs/03_features.ipynb #4623a65d
 def _vision_shards(run: _VisionRun, todo: list) -> Iterator[tuple[int, dict, list, list]]:
     "The `produce` of a vision extraction: the shards of `todo` in turn, each as soon as it is complete."
     if not todo: return
+    run.move()
     loader = _image_loader(run, todo)
     total = sum(stop - start for _, start, stop in todo)
     name = getattr(run.encoder, "name", type(run.encoder).__name__)
@@ -555,29 +595,239 @@ def _vision_key_parts(encoder, records: list, pooling: tuple, cdtype: torch.dtyp
                 compute_dtype=str(cdtype), store_dtype=str(sdtype),
                 data=records_fingerprint(records, content_hash), n=len(records))
 
+# %% ../nbs/03_features.ipynb #6eb14c50
+@dataclass(frozen=True)
+class WebDatasetSource:
+    "Webdataset tar shards to stream: a brace pattern (`cc3m/{00000..00331}.tar`), a path or URL, or a list."
+    urls: str | tuple
+    name: str = "wds"
+    def __post_init__(self):
+        if not isinstance(self.urls, (str, Path)):
+            object.__setattr__(self, "urls", tuple(map(str, self.urls)))
+    def shards(self) -> list[str]:
+        "The shard paths/URLs in order, brace patterns expanded by webdataset; no shard is opened."
+        urls = [self.urls] if isinstance(self.urls, (str, Path)) else list(self.urls)
+        return [u for x in urls for u in wds.shardlists.expand_urls(str(x))]
+
+# %% ../nbs/03_features.ipynb #287dc4a6
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first of these members it has
+
+# %% ../nbs/03_features.ipynb #3090bac3
+def _as_wds_source(x) -> WebDatasetSource | None:
+    "`x` as a WebDatasetSource if it is one or a data spec of format `wds`; None for anything else (records)."
+    if isinstance(x, WebDatasetSource): return x
+    if getattr(x, "format", None) != "wds": return None
+    for opt in ("limit", "invert"):
+        if x.opt(opt) not in (None, False):                 # a DataSpec gives its format defaults
+            raise ValueError(f"{x}: option {opt!r} is not supported when streaming shards")
+    return WebDatasetSource([str(p) for p in wds_shards(x.path)])   # braces and globs; ids as read_webdataset
+
+# %% ../nbs/03_features.ipynb #8784a1aa
+def _decode_raster(data: bytes) -> Image.Image:
+    "Image bytes -> RGB, transparent parts over white (the rule of `vla_lit.data.load_image`)."
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        rgba = im.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+# %% ../nbs/03_features.ipynb #acab1361
+def _wds_captions(s: dict) -> list[str]:
+    "A sample's captions: its `txt`, else its `json`'s `captions` / `caption` / `text`; stripped, non-empty."
+    if "txt" in s:
+        caps = [s["txt"].decode("utf-8")]
+    elif "json" in s:
+        j = json.loads(s["json"])
+        caps = j.get("captions") or [j.get("caption", j.get("text"))]
+    else:
+        caps = []
+    return [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+
+# %% ../nbs/03_features.ipynb #f3e56f5d
+def _wds_item(s: dict, preprocess) -> tuple[torch.Tensor | None, list[str], str | None]:
+    "(pixels [3, H, W], captions, None) of one sample, or (None, [], reason) when it cannot be used."
+    ext = next((e for e in WDS_IMAGE_EXTS if e in s), None)
+    if ext is None: return None, [], "sample has no image member"
+    try:
+        caps = _wds_captions(s)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        return None, [], f"unreadable caption ({type(e).__name__})"
+    try:
+        im = _decode_raster(s[ext])
+    except Exception as e:  # PIL raises many types on bad bytes
+        return None, [], f"cannot decode image ({type(e).__name__}: {e})"
+    return preprocess([im])[0], caps, None
+
+# %% ../nbs/03_features.ipynb #05846c87
+def _new_batch(k: int) -> dict:
+    "An empty batch of shard `k`."
+    return {"k": k, "x": [], "ids": [], "captions": [], "index": [], "bad": [], "n": 0, "done": False}
+
+# %% ../nbs/03_features.ipynb #98c84977
+def _close_batch(b: dict, done: bool = False) -> dict:
+    "The batch with its pixels stacked (None when it has none), marked `done` if it ends its shard."
+    return b | {"x": torch.stack(b["x"]) if b["x"] else None, "done": done}
+
+# %% ../nbs/03_features.ipynb #18ecb8cc
+def _wds_errors(url: str, errors: list) -> list[list[str]]:
+    "The skipped entries for the exceptions webdataset reported while streaming shard `url`."
+    why = [f"{type(e).__name__}: {e.args[0] if e.args else e}" for e in errors]
+    return [[url, f"shard unreadable or truncated ({w})"] for w in why]
+
+# %% ../nbs/03_features.ipynb #a92148ca
+def _wds_shard_batches(k: int, url: str, preprocess, batch_size: int, name: str) -> Iterator[dict]:
+    "Shard `k` (`url`) streamed: batches of decoded samples, the last one marked `done`."
+    errors = []
+    def noted(e):  # webdataset's handler: note, and go on (the shard ends where the tar is broken)
+        errors.append(e)
+        return True
+    stem, b = Path(url).stem, _new_batch(k)
+    for i, s in enumerate(wds.tarfile_to_samples(handler=noted)(iter([{"url": url}]))):
+        x, caps, err = _wds_item(s, preprocess)
+        if err:
+            b["bad"].append([f"{url}::{s['__key__']}", err])
+        else:
+            b["x"].append(x)
+            b["ids"].append(f"{name}/{stem}/{s['__key__']}")
+            b["captions"].append(caps)
+            b["index"].append(i)
+        b["n"] += 1
+        if len(b["x"]) == batch_size:
+            yield _close_batch(b)
+            b = _new_batch(k)
+    b["bad"] += _wds_errors(url, errors)
+    yield _close_batch(b, done=True)
+
+# %% ../nbs/03_features.ipynb #b4ba1289
+class _WdsStream(torch.utils.data.IterableDataset):
+    "The shards `todo` [(k, url)] streamed, split over DataLoader workers (`webdataset.split_by_worker`)."
+    def __init__(self, todo, preprocess, batch_size: int, name: str):
+        self.todo, self.preprocess, self.batch_size, self.name = todo, preprocess, batch_size, name
+    def __iter__(self):
+        for k, url in wds.split_by_worker(self.todo):
+            yield from _wds_shard_batches(k, url, self.preprocess, self.batch_size, self.name)
+
+# %% ../nbs/03_features.ipynb #c74855bf
+def _wds_loader(run: _VisionRun, src: WebDatasetSource, urls: list[str], todo: list):
+    "The DataLoader of the shards `todo`: workers decode and batch (batch_size=None: batches come made)."
+    stream = _WdsStream([(k, urls[k]) for k, _, _ in todo], run.encoder.preprocess, run.batch_size, src.name)
+    kw = dict(batch_size=None, num_workers=min(run.num_workers, len(todo)),
+              pin_memory=run.device.type == "cuda")
+    if kw["num_workers"] > 0:
+        kw.update(prefetch_factor=4, persistent_workers=False)
+        if "fork" in torch.multiprocessing.get_all_start_methods(): kw["multiprocessing_context"] = "fork"
+    return torch.utils.data.DataLoader(stream, **kw)
+
+# %% ../nbs/03_features.ipynb #b018d1bd
+def _wds_acc(run: _VisionRun) -> dict:
+    "An empty accumulator of one shard in flight: pooled parts, ids, captions, positions, skipped samples."
+    return {"parts": {n: [] for n in run.pooling}, "ids": [], "captions": [], "index": [], "skipped": []}
+
+# %% ../nbs/03_features.ipynb #94250231
+def _wds_add(run: _VisionRun, acc: dict, b: dict):
+    "Encode batch `b` into its shard's accumulator; a bad sample is skipped (or raised, if `strict`)."
+    for where, e in b["bad"]:
+        if run.strict: raise BadInputError(f"{where}: {e}")
+        acc["skipped"].append([where, e])
+    if b["x"] is not None:
+        for n, t in _pooled(run, b["x"]).items():
+            acc["parts"][n].append(t)
+    for f in ("ids", "captions", "index"):
+        acc[f] += b[f]
+
+# %% ../nbs/03_features.ipynb #27c9ca8d
+def _wds_finish(run: _VisionRun, k: int, acc: dict) -> tuple[int, dict, list, list, list]:
+    "Shard `k` from its accumulator -> (k, tensors, ids, skipped, captions)."
+    D = getattr(run.encoder, "dim", None)
+    tensors = {n: _stack_rows(acc["parts"][n], n, D, run.sdtype) for n in run.pooling}
+    tensors["index"] = torch.tensor(acc["index"], dtype=torch.int64)
+    return k, tensors, acc["ids"], acc["skipped"], acc["captions"]
+
+# %% ../nbs/03_features.ipynb #c95366ac
+def _wds_shards(run: _VisionRun, src: WebDatasetSource, urls: list[str], todo: list) -> Iterator[tuple]:
+    "The `produce` of a streamed extraction: each tar shard of `todo` as soon as its last sample is encoded."
+    if not todo: return
+    run.move()
+    name = getattr(run.encoder, "name", type(run.encoder).__name__)
+    bar = tqdm(desc=f"features {name}, {len(todo)} shards", unit="img",
+               disable=not run.progress or _dist()[0] != 0)
+    it, acc = iter(_wds_loader(run, src, urls, todo)), {}
+    try:
+        for b in it:
+            if b["k"] not in acc: acc[b["k"]] = _wds_acc(run)
+            _wds_add(run, acc[b["k"]], b)
+            bar.update(b["n"])
+            if b["done"]: yield _wds_finish(run, b["k"], acc.pop(b["k"]))
+    finally:
+        bar.close()
+        del it
+
+# %% ../nbs/03_features.ipynb #852dfd1a
+def _shards_fingerprint(urls: Sequence[str], content: bool) -> str:
+    "SHA-256 over (url, file size + mtime or content hash) of every shard in order; a remote URL: its name."
+    h = hashlib.sha256()
+    for u in urls:
+        sig = [] if "://" in u else _image_signature(u, content)
+        h.update(json.dumps([u, sig]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+# %% ../nbs/03_features.ipynb #fda1adbe
+def _wds_key_parts(encoder, src: WebDatasetSource, urls: list[str], pooling: tuple, cdtype: torch.dtype,
+                   sdtype: torch.dtype, content_hash: bool, image_size: int | None) -> dict:
+    "What streamed features depend on: as `_vision_key_parts`, with the shards and the set's name as data."
+    parts = _vision_key_parts(encoder, [], pooling, cdtype, sdtype, content_hash, image_size)
+    parts["preprocess"]["load_image"] = "rgba-over-white"
+    return parts | dict(source="wds", name=src.name, image_members=list(WDS_IMAGE_EXTS),
+                        data=_shards_fingerprint(urls, content_hash), n=len(urls))
+
+# %% ../nbs/03_features.ipynb #fb640453
+def _record_job(encoder, records, pooling, cdtype, sdtype, content_hash, image_size, shard_size):
+    "(records, key parts, n, shard size, skipped by the reader) of an extraction over records."
+    pre_skipped = list(getattr(records, "skipped", []))
+    records = list(records)
+    parts = _vision_key_parts(encoder, records, pooling, cdtype, sdtype, content_hash, image_size)
+    return records, parts, len(records), shard_size, pre_skipped
+
+# %% ../nbs/03_features.ipynb #4fd50e1a
+def _check_pooling(pooling: Sequence[str]) -> tuple:
+    "The poolings as a tuple: non-empty, each one of POOLINGS."
+    pooling = tuple(pooling)
+    if not pooling or set(pooling) - set(POOLINGS):
+        raise ValueError(f"pooling must be a non-empty subset of {POOLINGS}, got {pooling}")
+    return pooling
+
 # %% ../nbs/03_features.ipynb #bb9a3ea3
-def extract_features(encoder, records: RecordSet | Sequence[Record],
+def extract_features(encoder, records: RecordSet | Sequence[Record] | WebDatasetSource,
                      pooling: Sequence[str] = ("cls", "mean"), batch_size: int = 32, shard_size: int = 1024,
                      num_workers: int = 0, dtype=None, store_dtype=None, strict: bool = False,
                      progress: bool = True, recompute: bool = False, verify: bool = False,
                      content_hash: bool = False, root: str | Path | None = None,
-                     image_size: int | None = None) -> FeatureCache:
-    "Run a frozen vision encoder over `records` once: sharded, fingerprinted, resumable cache of `pooling`."
-    pooling = tuple(pooling)
-    if not pooling or set(pooling) - set(POOLINGS):
-        raise ValueError(f"pooling must be a non-empty subset of {POOLINGS}, got {pooling}")
+                     image_size: int | None = None, device=None) -> FeatureCache:
+    "Run a frozen vision encoder over `records` (or streamed shards) once: a sharded, resumable cache."
+    pooling = _check_pooling(pooling)
     _check_image_size(encoder, image_size)
-    pre_skipped = list(getattr(records, "skipped", []))
-    records = list(records)
-    device, pdtype = _encoder_place(encoder)
+    home, pdtype = _encoder_place(encoder)
     cdtype = _as_dtype(dtype) or pdtype
     sdtype = _as_dtype(store_dtype) or cdtype
-    parts = _vision_key_parts(encoder, records, pooling, cdtype, sdtype, content_hash, image_size)
-    run = _VisionRun(encoder, records, pooling, batch_size, num_workers, device, pdtype, cdtype, sdtype,
-                     strict, progress, image_size)
-    with _encoder_image_size(encoder, image_size):
-        return _extract("vision", feature_key(**parts), parts, len(records), shard_size,
-                        lambda todo: _vision_shards(run, todo), pre_skipped, root, recompute, verify)
+    src = _as_wds_source(records)
+    if src is None:
+        records, parts, n, size, pre_skipped = _record_job(encoder, records, pooling, cdtype, sdtype,
+                                                           content_hash, image_size, shard_size)
+    else:
+        urls = src.shards()
+        parts = _wds_key_parts(encoder, src, urls, pooling, cdtype, sdtype, content_hash, image_size)
+        records, n, size, pre_skipped = [], len(urls), 1, []
+    run = _VisionRun(encoder, records, pooling, batch_size, num_workers,
+                     torch.device(device) if device is not None else home, pdtype, cdtype, sdtype, strict,
+                     progress, image_size)
+    produce = (lambda todo: _vision_shards(run, todo)) if src is None else (
+        lambda todo: _wds_shards(run, src, urls, todo))
+    with _encoder_image_size(encoder, image_size), _encoder_device(encoder, device) as run.move:
+        return _extract("vision", feature_key(**parts), parts, n, size, produce, pre_skipped, root, recompute,
+                        verify)
 
 # %% ../nbs/03_features.ipynb #7eaf9560
 def caption_key(record_id: str, j: int = 0) -> str:
