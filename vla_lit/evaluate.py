@@ -246,6 +246,7 @@ def save_head(out_dir: str | Path, mechanism: str, state: dict, params: dict) ->
     head = {"format": 1, "mechanism": mechanism, "state": state, "params": dict(params)}
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".head-", suffix=".pt")
     os.close(fd)
+    os.chmod(tmp, 0o644)                                    # mkstemp makes it private; a head is a result to share
     torch.save(head, tmp)
     os.replace(tmp, out/HEAD_FILE)
     return out/HEAD_FILE
@@ -265,6 +266,7 @@ def load_head(run_dir: str | Path) -> dict:
 def _write_json(path: Path, obj) -> None:
     "Write JSON atomically (a killed write leaves the old file)."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as f: json.dump(obj, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
 

@@ -10,15 +10,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import RunConfig, seed_everything
-from .models import LanguageModel, fingerprint, freeze
+from .core import RunConfig, seed_everything, get_device
+from .models import LanguageModel, fingerprint, freeze, load_vision, load_lm
 from .losses import clip_loss
 from .train import train, tensor_batches, load_trainable_state_dict
 from .metrics import zero_shot_classifier, zero_shot_scores
+from .features import FeatureCache, extract_features, extract_text_features
 
 # %% auto #0
-__all__ = ['LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts', 'class_embeddings',
-           'zero_shot_logits', 'caption_subject', 'fit_sharelock', 'random_weight_lm']
+__all__ = ['HEAD_PARAMS', 'LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts',
+           'class_embeddings', 'zero_shot_logits', 'caption_subject', 'fit_sharelock', 'random_weight_lm',
+           'ShareLockEmbedder', 'embedder_from_head']
 
 # %% ../nbs/10_sharelock.ipynb #3573a6a7
 class LogitScale(nn.Module):
@@ -285,3 +287,112 @@ def random_weight_lm(lm, seed: int = 0):
     name = f"random-weights-{lm.name}-seed{seed}"
     fp = fingerprint(name, state_dict=model.state_dict())
     return LanguageModel(model, lm.tokenizer, name, fp, is_decoder=lm.is_decoder)
+
+# %% ../nbs/10_sharelock.ipynb #40f94742
+class ShareLockEmbedder:
+    """A trained `ShareLock` with its frozen backbones, as an embedder of the evaluation suite.
+    Features come from the feature cache."""
+    centrings = ("none", "eval_mean")
+    def __init__(self, model: ShareLock, vision_encoder, language_model, layer: int = -1,
+                 pooling: str | None = None, eval_centring: str = "none", batch_size: int | None = None,
+                 num_workers: int = 0, progress: bool = False):
+        if eval_centring not in self.centrings:
+            raise ValueError(f"ShareLockEmbedder: eval_centring must be one of {self.centrings}, "
+                             f"got {eval_centring!r}")
+        self.model, self.vision_encoder, self.language_model = model.eval(), vision_encoder, language_model
+        self.layer, self.eval_centring = layer, eval_centring
+        self.pooling = pooling if pooling not in (None, "auto") else language_model.default_pooling
+        self.batch_size, self.num_workers, self.progress = batch_size, int(num_workers or 0), progress
+
+# %% ../nbs/10_sharelock.ipynb #2828e69d
+@patch
+def _extract_kw(self: ShareLockEmbedder, vision: bool = False) -> dict:
+    "Keyword arguments of the extraction calls: progress, the batch size if set, workers for images."
+    kw = {"progress": self.progress}
+    if self.batch_size:
+        kw["batch_size"] = int(self.batch_size)
+    if vision:
+        kw["num_workers"] = self.num_workers
+    return kw
+
+# %% ../nbs/10_sharelock.ipynb #ad30d9dc
+@patch
+@torch.no_grad()
+def _project(self: ShareLockEmbedder, fn, x: torch.Tensor) -> torch.Tensor:
+    "`fn` (one of the model's encoders) on features `x` in eval mode, on the model's device and dtype."
+    m = self.model
+    was = m.training
+    m.eval()
+    p = m.logit_scale.log_scale
+    z = fn(x.to(device=p.device, dtype=p.dtype))
+    m.train(was)
+    return z
+
+# %% ../nbs/10_sharelock.ipynb #2419d827
+@patch
+def image_features(self: ShareLockEmbedder, records) -> tuple[torch.Tensor, list[str]]:
+    "CLS features [N, D_v] (float) of the records that decoded, in record order, and their ids."
+    c = extract_features(self.vision_encoder, records, pooling=("cls",), **self._extract_kw(vision=True))
+    return c.get("cls").float(), list(c.ids)
+
+# %% ../nbs/10_sharelock.ipynb #14df4c32
+@patch
+def embed_images(self: ShareLockEmbedder, records) -> tuple[torch.Tensor, list[str]]:
+    "Unit vectors [N, E] of the records that decoded (their features centred on the set's mean if asked)."
+    V, ids = self.image_features(records)
+    if self.eval_centring == "eval_mean":
+        V = V - V.mean(0, keepdim=True)
+    return self._project(self.model.encode_image, V), ids
+
+# %% ../nbs/10_sharelock.ipynb #b63c2314
+@patch
+def text_features(self: ShareLockEmbedder, texts: Sequence[str],
+                  templates: Sequence[str] | None = None) -> FeatureCache:
+    "The LM's cached features of `texts` (with `templates`: also `per_template` [M, T, D_t]); none skipped."
+    texts = list(texts)
+    c = extract_text_features(self.language_model, texts, layer=self.layer, pooling=self.pooling,
+                              templates=list(templates) if templates else None, **self._extract_kw())
+    if len(c) != len(texts):
+        raise ValueError(f"ShareLockEmbedder: {len(texts) - len(c)} of {len(texts)} texts were skipped "
+                         f"(empty): {c.skipped[:3]}")
+    return c
+
+# %% ../nbs/10_sharelock.ipynb #a1f92d69
+@patch
+def embed_texts(self: ShareLockEmbedder, texts: Sequence[str]) -> torch.Tensor:
+    "Unit vectors [M, E] of `texts` through the LM and the text projector."
+    return self._project(self.model.encode_text, self.text_features(texts).get("hidden").float())
+
+# %% ../nbs/10_sharelock.ipynb #6da9e6d4
+@patch
+def classifier(self: ShareLockEmbedder, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    "Prompt-ensembled class vectors [C, E]: `class_embeddings` of every class name in every template."
+    P = self.text_features(classnames, templates).get("per_template").float()     # [C, T, D_t]
+    return class_embeddings(self.model, P)
+
+# %% ../nbs/10_sharelock.ipynb #492e1316
+HEAD_PARAMS = ("vision_model", "lm_name", "layer", "pooling", "direction", "hidden_dim", "num_layers",
+               "dropout", "learn_temperature", "eval_centring", "random_lm_seed", "extract_batch_size",
+               "extract_workers")
+
+# %% ../nbs/10_sharelock.ipynb #4ab57414
+def embedder_from_head(head: dict, device=None) -> ShareLockEmbedder:
+    "The `ShareLockEmbedder` of a saved head: the frozen backbones loaded by name, the projector's state."
+    p = head["params"]
+    missing = [k for k in ("vision_model", "lm_name") if k not in p]
+    if missing:
+        raise ValueError(f"embedder_from_head: the head's params lack {missing}; it has {sorted(p)}")
+    dev = get_device(device)
+    enc, lm = load_vision(p["vision_model"], device=dev), load_lm(p["lm_name"], device=dev)
+    if p.get("random_lm_seed") is not None:
+        lm = random_weight_lm(lm, seed=int(p["random_lm_seed"]))
+    with torch.random.fork_rng(devices=[]):      # the fresh init is overwritten: leave the caller's RNG alone
+        model = ShareLock(enc.dim, lm.dim, direction=p.get("direction", "text_to_vision"),
+                          hidden_dim=int(p.get("hidden_dim", 4096)), num_layers=int(p.get("num_layers", 4)),
+                          dropout=float(p.get("dropout", 0.2)),
+                          learn_temperature=bool(p.get("learn_temperature", True)))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in head["state"].items()})
+    return ShareLockEmbedder(model.to(dev), enc, lm, layer=int(p.get("layer", -1)), pooling=p.get("pooling"),
+                             eval_centring=p.get("eval_centring", "none"),
+                             batch_size=p.get("extract_batch_size"),
+                             num_workers=p.get("extract_workers") or 0)
