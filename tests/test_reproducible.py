@@ -6,7 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PAPERMILL = Path(sys.executable).parent / "papermill"
 SMOKE = ["-p", "seed", "0", "-p", "vision", "tiny-random-dinov2", "-p", "lm_name", "tiny-random-llama", "-p", "steps", "2",
-         "-p", "batch_size", "4", "-p", "limit", "24", "-p", "vocab_top", "64", "-p", "n_caption_eval", "2",
+         "-p", "batch_size", "4", "-p", "train_data", "tuxpaint?split=train&limit=21", "-p", "vocab_top", "64",
+         "-y", json.dumps({"eval_data": ["tuxpaint?split=test&task=retrieval&limit=3"]}), "-p", "n_caption_eval", "2",
          "-p", "max_new_tokens", "3", "-p", "show", "False"]
 
 

@@ -4,19 +4,24 @@
 
 # %% ../nbs/21_vlap.ipynb #4f8aaa00
 from __future__ import annotations
+import copy
 from collections import Counter
 from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
+from .core import get_device
 from .sinkhorn import sinkhorn
 from .losses import symmetric_infonce
-from .models import freeze
+from .models import freeze, load_vision, load_lm
+from .features import extract_features, extract_text_features, pool_patch_grid
 
 # %% auto #0
-__all__ = ['caption_token_counts', 'frequent_tokens', 'vocabulary_prior', 'vocab_prototypes', 'swapped_prediction_loss',
-           'assignments', 'tokenize_captions', 'prefix_caption_loss', 'VLAP', 'vlap_embeddings', 'assignment_scores']
+__all__ = ['EMBEDDER_SPACES', 'VLAP_HEAD_PARAMS', 'caption_token_counts', 'frequent_tokens', 'vocabulary_prior',
+           'vocab_prototypes', 'swapped_prediction_loss', 'assignments', 'tokenize_captions', 'prefix_caption_loss',
+           'VLAP', 'vlap_embeddings', 'assignment_similarity', 'assignment_scores', 'vlap_pooling',
+           'vlap_visual_features', 'VLAPEmbedder', 'vlap_head_state', 'vlap_from_state', 'embedder_from_head']
 
 # %% ../nbs/21_vlap.ipynb #5a464426
 def caption_token_counts(lm, texts: Sequence[str]) -> Tensor:
@@ -240,6 +245,16 @@ def vlap_embeddings(mech: VLAP, vision: Tensor, text: Tensor, space: str = "embe
         zt = torch.softmax(mech.scores(zt) / mech.temperature, -1)
     return zi, zt
 
+# %% ../nbs/21_vlap.ipynb #a5519e11
+@torch.no_grad()
+def assignment_similarity(mech: VLAP, zi: Tensor, zt: Tensor, epsilon: float | None = None,
+                          n_iters: int | None = None, batch_size: int = 256) -> Tensor:
+    "Assignment-space scores [N, M] of normalised image vectors `zi` [N, D] and caption vectors `zt` [M, D]."
+    eps = mech.epsilon if epsilon is None else epsilon
+    q = assignments(mech.scores(zt), eps, mech.sinkhorn_iters if n_iters is None else n_iters, mech.prior)
+    logp = torch.cat([F.log_softmax(mech.scores(z) / mech.temperature, -1) for z in zi.split(batch_size)])
+    return logp @ q.T
+
 # %% ../nbs/21_vlap.ipynb #cbff03e5
 @torch.no_grad()
 def assignment_scores(mech: VLAP, vision: Tensor, text: Tensor, epsilon: float | None = None,
@@ -248,7 +263,155 @@ def assignment_scores(mech: VLAP, vision: Tensor, text: Tensor, epsilon: float |
     p_i = softmax(scores_i / T) the image's predicted assignment and q_j the caption's Sinkhorn assignment
     over the gallery of M captions (minus the swapped-prediction loss term)."""
     zi, zt = vlap_embeddings(mech, vision, text, batch_size=batch_size)
-    eps = mech.epsilon if epsilon is None else epsilon
-    q = assignments(mech.scores(zt), eps, mech.sinkhorn_iters if n_iters is None else n_iters, mech.prior)
-    logp = torch.cat([F.log_softmax(mech.scores(z) / mech.temperature, -1) for z in zi.split(batch_size)])
-    return logp @ q.T
+    return assignment_similarity(mech, zi, zt, epsilon, n_iters, batch_size)
+
+# %% ../nbs/21_vlap.ipynb #9c619244
+def vlap_pooling(grid: int) -> tuple[str, ...]:
+    "What VLAP reads from the vision feature cache: the CLS token, and the patch grid unless `grid` is 0."
+    return ("cls", "patches") if grid else ("cls",)
+
+# %% ../nbs/21_vlap.ipynb #5caa91d4
+def vlap_visual_features(vcache, ids: Sequence[str], grid: int) -> Tensor:
+    "CLS + the patch grid average-pooled to `grid` x `grid`: [len(ids), 1 + grid^2, D] (CLS only if grid is 0)."
+    cls = vcache.take("cls", ids).float()
+    if not grid: return cls.unsqueeze(1)
+    P = pool_patch_grid(vcache.take("patches", ids).float(), grid=grid)
+    return torch.cat([cls.unsqueeze(1), P], 1)
+
+# %% ../nbs/21_vlap.ipynb #39572a78
+EMBEDDER_SPACES = ("embedding", "assignment")
+
+# %% ../nbs/21_vlap.ipynb #a4ec98e0
+class VLAPEmbedder:
+    """A trained `VLAP` as the evaluation suite sees it: images (cached frozen encoder, then the map) and captions
+    (the frozen LM's feature at `text_layer`) in the LLM's input space, scored in `space`: 'embedding' (cosine)
+    or 'assignment' (`assignment_similarity`). `extract_batch_size`: images / texts per extraction batch (None:
+    the extractors' own, 32 / 64); `root`: the feature cache folder (None: the default cache)."""
+    def __init__(self, mech: VLAP, encoder, *, grid: int = 2, text_layer: int = 0, space: str = "embedding",
+                 batch_size: int = 256, extract_batch_size: int | None = None, extract_workers: int = 0,
+                 progress: bool = False, root=None):
+        if space not in EMBEDDER_SPACES:
+            raise ValueError(f"VLAPEmbedder: space must be one of {EMBEDDER_SPACES}, got {space!r}")
+        if grid < 0: raise ValueError(f"VLAPEmbedder: grid must be >= 0, got {grid}")
+        self.mech, self.encoder, self.grid, self.text_layer, self.space = mech, encoder, grid, text_layer, space
+        self.batch_size, self.progress, self.root = batch_size, progress, root
+        self.extract_batch_size, self.extract_workers = extract_batch_size, extract_workers
+
+    def __repr__(self):
+        return (f"VLAPEmbedder({self.space}, {getattr(self.encoder, 'name', '?')} -> "
+                f"{getattr(self.mech.lm, 'name', '?')}, grid={self.grid}, text_layer={self.text_layer})")
+
+# %% ../nbs/21_vlap.ipynb #4fd1caed
+@patch
+def with_space(self: VLAPEmbedder, space: str) -> VLAPEmbedder:
+    "The same embedder (same map, models and settings) scoring in another space."
+    if space not in EMBEDDER_SPACES:
+        raise ValueError(f"VLAPEmbedder: space must be one of {EMBEDDER_SPACES}, got {space!r}")
+    other = copy.copy(self)
+    other.space = space
+    return other
+
+# %% ../nbs/21_vlap.ipynb #db44fa20
+@patch
+def _device(self: VLAPEmbedder) -> torch.device:
+    "Where the map lives."
+    return self.mech.proj.weight.device
+
+# %% ../nbs/21_vlap.ipynb #6916e9a8
+@patch
+def _extract_kw(self: VLAPEmbedder) -> dict:
+    "Extraction settings shared by images and texts."
+    kw = {"batch_size": int(self.extract_batch_size)} if self.extract_batch_size else {}
+    return kw | {"progress": self.progress, "root": self.root}
+
+# %% ../nbs/21_vlap.ipynb #0f7f6b5a
+@patch
+def visual_features(self: VLAPEmbedder, records) -> tuple[Tensor, list[str]]:
+    "The cached visual prefix of `records` before the map [N, 1 + grid^2, Dv] and the ids of those that decoded."
+    vc = extract_features(self.encoder, records, pooling=vlap_pooling(self.grid), store_dtype="fp16",
+                          num_workers=int(self.extract_workers or 0), **self._extract_kw())
+    ids = [r.id for r in records if vc.has(r.id)]
+    return vlap_visual_features(vc, ids, self.grid), ids
+
+# %% ../nbs/21_vlap.ipynb #0f877fdc
+@patch
+@torch.no_grad()
+def embed_images(self: VLAPEmbedder, records) -> tuple[Tensor, list[str]]:
+    "Normalised image vectors [N, D] (on the CPU) of the records that decoded, and their ids."
+    X, ids = self.visual_features(records)
+    if not ids: return torch.empty(0, self.mech.lm.dim), ids
+    bs, dev = self.batch_size, self._device()
+    zi = torch.cat([self.mech.embed_image(X[i:i + bs].to(dev)) for i in range(0, len(X), bs)])
+    return zi.cpu(), ids
+
+# %% ../nbs/21_vlap.ipynb #22829b92
+@patch
+def text_features(self: VLAPEmbedder, texts: Sequence[str]) -> Tensor:
+    "The frozen LM's mean-pooled hidden states of `texts` at `text_layer` [M, D] (cached), before centring."
+    texts = list(texts)
+    tc = extract_text_features(self.mech.lm, texts, layer=self.text_layer, pooling="mean", **self._extract_kw())
+    if tc.skipped: raise ValueError(f"VLAPEmbedder: {len(tc.skipped)} empty text(s), e.g. {tc.skipped[0]}")
+    return tc.take("hidden", [f"text/{i}" for i in range(len(texts))]).float()
+
+# %% ../nbs/21_vlap.ipynb #c6f78872
+@patch
+@torch.no_grad()
+def embed_texts(self: VLAPEmbedder, texts: Sequence[str]) -> Tensor:
+    "Normalised caption vectors [M, D] (on the CPU): the text feature minus the mechanism's `text_mean`."
+    return self.mech.embed_text(self.text_features(texts).to(self._device())).cpu()
+
+# %% ../nbs/21_vlap.ipynb #3dcbae0d
+@patch
+@torch.no_grad()
+def similarity(self: VLAPEmbedder, images: Tensor, texts: Tensor) -> Tensor:
+    "Scores [N, M] in the embedder's space: cosine, or assignment prediction over the gallery `texts`."
+    if self.space == "embedding":
+        return F.normalize(images.float(), dim=-1) @ F.normalize(texts.float().to(images.device), dim=-1).T
+    dev = self._device()
+    return assignment_similarity(self.mech, images.to(dev), texts.to(dev), batch_size=self.batch_size).cpu()
+
+# %% ../nbs/21_vlap.ipynb #32027aee
+@patch
+def captions(self: VLAPEmbedder, records, max_new_tokens: int = 12, num_beams: int = 1,
+             batch: int = 16) -> dict[str, str]:
+    "Zero-shot captions {id: caption} of `records`, `batch` images at a time ('-': empty or undecodable)."
+    X, ids = self.visual_features(records)
+    out = {}
+    for i in range(0, len(ids), batch):
+        caps = self.mech.generate(X[i:i + batch].to(self._device()), max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams)
+        out |= {rid: (c or "-") for rid, c in zip(ids[i:i + batch], caps)}
+    return out | {r.id: "-" for r in records if r.id not in out}
+
+# %% ../nbs/21_vlap.ipynb #90239676
+def vlap_head_state(mech: VLAP) -> dict[str, Tensor]:
+    "What a head holds: the map, the prototype token ids, and the prior and the text mean when set (CPU copies)."
+    state = {f"proj.{k}": v.detach().cpu().clone() for k, v in mech.proj.state_dict().items()}
+    state["vocab_ids"] = mech.vocab_ids.detach().cpu().clone()
+    if mech.prior is not None: state["prior"] = mech.prior.detach().cpu().clone()
+    if mech.text_mean is not None: state["text_mean"] = mech.text_mean.detach().cpu().clone()
+    return state
+
+# %% ../nbs/21_vlap.ipynb #0c7d5708
+VLAP_HEAD_PARAMS = ("epsilon", "sinkhorn_iters", "temperature", "assign_weight", "caption_weight", "objective",
+                    "prompt")       # VLAP keyword arguments a head's params may carry
+
+# %% ../nbs/21_vlap.ipynb #197cc058
+def vlap_from_state(lm, state: dict, params: dict | None = None) -> VLAP:
+    "A `VLAP` over `lm` with the map, prototypes, prior and text mean of a head state (eval mode, on the CPU)."
+    kw = {k: v for k, v in (params or {}).items() if k in VLAP_HEAD_PARAMS and v is not None}
+    W = state["proj.weight"]
+    mech = VLAP(lm, W.shape[1], vocab_ids=state["vocab_ids"], prior=state.get("prior"),
+                text_mean=state.get("text_mean"), **kw)
+    mech.proj.load_state_dict({"weight": W, "bias": state["proj.bias"]})
+    return mech.eval()
+
+# %% ../nbs/21_vlap.ipynb #507cc5fe
+def embedder_from_head(head: dict, device=None, space: str = "embedding") -> VLAPEmbedder:
+    "The `VLAPEmbedder` of a saved head: the frozen models loaded by name, the mechanism rebuilt from its state."
+    p = head["params"]
+    mech = vlap_from_state(load_lm(p["lm_name"]), head["state"], p).to(get_device(device))
+    return VLAPEmbedder(mech, load_vision(p["vision"]), grid=int(p.get("grid", 2)),
+                        text_layer=int(p.get("text_layer", 0)), space=space,
+                        extract_batch_size=p.get("extract_batch_size"),
+                        extract_workers=int(p.get("extract_workers") or 0))
