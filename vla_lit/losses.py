@@ -5,10 +5,11 @@
 # %% ../nbs/05_losses.ipynb #597bdf6d
 from __future__ import annotations
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['symmetric_infonce', 'clip_loss', 'diffusion_target']
+__all__ = ['symmetric_infonce', 'gather_features', 'clip_loss', 'diffusion_target']
 
 # %% ../nbs/05_losses.ipynb #9be8dce5
 def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
@@ -21,9 +22,56 @@ def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
+# %% ../nbs/05_losses.ipynb #2b561313
+def _world() -> int:
+    "Ranks in the default process group (1 when there is none)."
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+# %% ../nbs/05_losses.ipynb #c8c9cfe7
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of `x` [B_r, ...] concatenated in rank order [sum B_r, ...]: the local rows keep their
+    autograd graph, the others are constants. `x` itself without a process group of > 1 ranks."""
+    world = _world()
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    xd = x.detach()
+    if x.shape[0] < max(sizes):
+        xd = torch.cat([xd, xd.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(xd) for _ in range(world)]
+    dist.all_gather(parts, xd.contiguous())
+    parts = [p[:s] for p, s in zip(parts, sizes)]
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+# %% ../nbs/05_losses.ipynb #05c56bb6
+class _ScaleGrad(torch.autograd.Function):
+    "Identity forward; the gradient multiplied by `k` on the way back."
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.k, None
+
+# %% ../nbs/05_losses.ipynb #c54b68e5
+def _gathers(gather: bool | None) -> bool:
+    "Gather across ranks? Never without a group of > 1 ranks; `gather` if given, else while autograd records."
+    if _world() == 1:
+        return False
+    return torch.is_grad_enabled() if gather is None else bool(gather)
+
 # %% ../nbs/05_losses.ipynb #fdfe72c0
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    "Symmetric InfoNCE of paired rows `img[i]`, `txt[i]` (both [B,E]); `logit_scale` is the multiplier 1/tau."
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float,
+              gather: bool | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of paired rows `img[i]`, `txt[i]` (both [B,E]); `logit_scale` is the multiplier 1/tau.
+    Under a process group of > 1 ranks it is the loss of all ranks' pairs together, with gradients that DDP's
+    average turns into the one-process gradient (`gather`: None = while autograd records, or True/False)."""
     if img.ndim != 2 or txt.ndim != 2:
         raise ValueError(f"clip_loss: img and txt must be 2-D [B,E], "
                          f"got shapes {tuple(img.shape)} and {tuple(txt.shape)}")
@@ -32,6 +80,8 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | 
                          f"shape (row i of each is a pair)")
     if img.shape[0] == 0:
         raise ValueError("clip_loss: empty batch")
+    if _gathers(gather):
+        img, txt = (gather_features(_ScaleGrad.apply(z, _world())) for z in (img, txt))
     return symmetric_infonce(logit_scale * img @ txt.T)
 
 # %% ../nbs/05_losses.ipynb #d1aa5cf4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math, warnings
 from dataclasses import dataclass
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from fastcore.basics import patch
 
@@ -52,9 +53,10 @@ class SinkhornResult:
     n_rebuilds: int   # kernel rebuilds by an exact log-domain step (0: plain scaling all the way)
 
 # %% ../nbs/20_sinkhorn.ipynb #54a071e1
-def _marginal(m, n: int, lead, like: Tensor, name: str) -> Tensor:
-    "Uniform 1/n if `m` is None, else `m` checked (finite, > 0) and broadcast to lead + [n]."
-    if m is None: return torch.full((*lead, n), 1.0 / n, dtype=like.dtype, device=like.device)
+def _marginal(m, n: int, lead, like: Tensor, name: str, total: int | None = None) -> Tensor:
+    "Uniform 1/n (1/`total` if given) if `m` is None, else `m` checked (finite, > 0), broadcast to lead + [n]."
+    if m is None:
+        return torch.full((*lead, n), 1.0 / (n if total is None else total), dtype=like.dtype, device=like.device)
     m = torch.as_tensor(m, dtype=like.dtype, device=like.device)
     if m.shape[-1] != n:
         raise ValueError(f"sinkhorn: marginal {name} has {m.shape[-1]} entries, the problem has {n}")
@@ -63,8 +65,9 @@ def _marginal(m, n: int, lead, like: Tensor, name: str) -> Tensor:
     return m.expand(*lead, n)
 
 # %% ../nbs/20_sinkhorn.ipynb #76cee41f
-def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, name: str) -> Tensor:
-    "The checks every Sinkhorn entry point makes; returns `x` as a float tensor (float32 for ints/half)."
+def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, name: str,
+                   finite: bool = True) -> Tensor:
+    "The checks every Sinkhorn entry point makes (NaN/inf only if `finite`); `x` as float (float32 for ints/half)."
     what = "cost" if is_cost else "score"
     if normalize not in ("plan", "rows", "cols"):
         raise ValueError(f"{name}: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
@@ -73,9 +76,10 @@ def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, nam
         raise ValueError(f"{name}: expected scores of shape [..., B, K], got shape {tuple(x.shape)}")
     if x.numel() == 0: raise ValueError(f"{name}: the {what} matrix is empty, shape {tuple(x.shape)}")
     # one pass; NaN and inf propagate into min/max (torch.isfinite(x).all() costs ~20 passes on a CPU)
-    lo, hi = torch.aminmax(x)
-    if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        raise ValueError(f"{name}: the {what} matrix contains NaN or inf")
+    if finite:
+        lo, hi = torch.aminmax(x)
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError(f"{name}: the {what} matrix contains NaN or inf")
     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16): return x.float()
     return x
 
@@ -106,12 +110,24 @@ class _Scaling:
         self.L = _accuracy_bound(x.dtype, B, K)
         # one shift per problem (largest kernel entry = 1): starting from u = 1 is then the uniform start
         # of POT and SwAV (a per-row shift would change the starting point of the iterations)
-        shift = -(x.amax((-2, -1)) if s > 0 else x.amin((-2, -1))) * s
+        shift = -self.peak(x, s) * s
         self.f = shift.unsqueeze(-1).expand(*lead, B).clone()
         self.g = torch.zeros_like(b)
         self.Km = torch.add(self.f.unsqueeze(-1), x, alpha=s, out=out).exp_()   # the kernel exp(W + f + g)
         self.u, self.v = torch.ones_like(a), torch.ones_like(b)
         self.n_rebuilds = 0
+
+    def peak(self, x: Tensor, s: float) -> Tensor:
+        "The largest score (smallest cost) per problem [...]: the kernel's shift."
+        return x.amax((-2, -1)) if s > 0 else x.amin((-2, -1))
+
+    def col_lse(self) -> Tensor:
+        "Log-sum-exp of the log-kernel held in Km down its rows [..., K] (the exact column step)."
+        return torch.logsumexp(self.Km, dim=-2)
+
+    def agree(self, ok: bool) -> bool:
+        "A local yes/no as the decision of the whole problem (one process: itself)."
+        return ok
 
 # %% ../nbs/20_sinkhorn.ipynb #5f5acd55
 @patch
@@ -145,7 +161,7 @@ def column_step(self: _Scaling, KTu: Tensor):
         return
     self.f = self.f + self.u.log()
     torch.add(self.f.unsqueeze(-1), self.x, alpha=self.s, out=self.Km)
-    self.g = self.logb - torch.logsumexp(self.Km, dim=-2)
+    self.g = self.logb - self.col_lse()
     self.Km.add_(self.g.unsqueeze(-2)).exp_()
     self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
     self.n_rebuilds += 1
@@ -179,7 +195,8 @@ def result(self: _Scaling, normalize: str, full: bool, tol: float | None, err: f
            epsilon: float) -> Tensor | SinkhornResult:
     "Check the scalings, measure the column error if needed, scale the kernel into the plan."
     u, v = self.u, self.v
-    if not (torch.isfinite(u).all() and torch.isfinite(v).all() and (u > 0).all() and (v > 0).all()):
+    ok = bool(torch.isfinite(u).all() and torch.isfinite(v).all() and (u > 0).all() and (v > 0).all())
+    if not self.agree(ok):
         raise FloatingPointError(f"sinkhorn: the exp-domain kernel under/overflowed at epsilon={epsilon} "
                                  f"({self.x.dtype}); use log_domain=True")
     if full or (tol is not None and not err <= tol):
@@ -190,27 +207,74 @@ def result(self: _Scaling, normalize: str, full: bool, tol: float | None, err: f
     plan = _scale_plan(self.Km, u, v, self.a, self.b, normalize)
     return SinkhornResult(plan, log_u, log_v, it, err, self.n_rebuilds) if full else plan
 
-# %% ../nbs/20_sinkhorn.ipynb #d1937e93
-@torch.no_grad()
-def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: float | None = None,
-             a: Tensor | None = None, b: Tensor | None = None, log_domain: bool = True,
-             is_cost: bool = False, normalize: str = "plan", max_iters: int = 10_000, full: bool = False,
-             out: Tensor | None = None) -> Tensor | SinkhornResult:
-    """Entropic OT between the rows and columns of scores `x` [..., B, K] (or a cost, `is_cost=True`):
-    max <Q, S> + eps H(Q) s.t. Q 1 = a, Q^T 1 = b (uniform if None). Runs `n_iters` iterations (default 3),
-    or with `tol` until the L1 column-marginal error <= tol (at most `max_iters`). Returns the plan
-    (`normalize`: "plan" | "rows" | "cols"), or a `SinkhornResult` with `full=True`; `out`: a [..., B, K]
-    buffer to compute the plan in (reused across calls it saves allocating B*K numbers each time)."""
-    x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn")
-    if n_iters is None: n_iters = 3 if tol is None else max_iters
-    if n_iters < 1: raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
-    *lead, B, K = x.shape
-    a = _marginal(a, B, lead, x, "a")
-    b = _marginal(b, K, lead, x, "b")
-    if not torch.allclose(a.sum(-1), b.sum(-1), rtol=1e-4):
-        raise ValueError("sinkhorn: marginals a and b must have the same total mass")
-    _check_out(out, x)
-    st = _Scaling(x, (-1.0 if is_cost else 1.0) / epsilon, a, b, log_domain, out)
+# %% ../nbs/20_sinkhorn.ipynb #dfa8d07b
+def _reduced(t: Tensor, op: str = "sum") -> Tensor:
+    "`t` all-reduced in place over the default process group (`op`: 'sum', 'max' or 'min'); `t` itself."
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
+    return t
+
+# %% ../nbs/20_sinkhorn.ipynb #7f8adb7b
+class _DistScaling(_Scaling):
+    """`_Scaling` for one rank's rows of a problem whose rows are split across the default process group:
+    each reduction down the columns (the shift, K^T u, the bound, the column log-sum-exp) is all-reduced."""
+    def __init__(self, x: Tensor, s: float, a: Tensor, b: Tensor, log_domain: bool,
+                 out: Tensor | None = None, n_rows: int = 1):
+        super().__init__(x, s, a, b, log_domain, out)
+        self.L = _accuracy_bound(x.dtype, n_rows, x.shape[-1])          # the bound of the whole problem
+
+    def peak(self, x: Tensor, s: float) -> Tensor:
+        "The shift of the whole problem (an all-reduce max), with the NaN/inf check made on every rank at once."
+        t = torch.stack([x.amax((-2, -1)), -x.amin((-2, -1))])
+        t = _reduced(torch.where(torch.isfinite(t), t, torch.inf), "max")
+        if not torch.isfinite(t).all():
+            what = "score" if s > 0 else "cost"
+            raise ValueError(f"sinkhorn: the {what} matrix contains NaN or inf (on some rank)")
+        return t[0] if s > 0 else -t[1]
+
+# %% ../nbs/20_sinkhorn.ipynb #78904bbe
+@patch
+def col_sums(self: _DistScaling) -> Tensor:
+    "K^T u over every rank's rows."
+    return _reduced(_Scaling.col_sums(self))
+
+@patch
+def col_lse(self: _DistScaling) -> Tensor:
+    "The column log-sum-exp over every rank's rows: the maxima all-reduced, then the shifted sums."
+    m = _reduced(self.Km.amax(-2), "max")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m + _reduced((self.Km - m.unsqueeze(-2)).exp().sum(-2)).log()
+
+@patch
+def agree(self: _DistScaling, ok: bool) -> bool:
+    "True on every rank only if it is true on every rank."
+    return bool(_reduced(torch.tensor(float(ok), device=self.x.device), "min"))
+
+# %% ../nbs/20_sinkhorn.ipynb #124661ab
+@patch
+def representable(self: _DistScaling, lu: Tensor, lv: Tensor) -> bool:
+    "`_Scaling.representable` for the whole problem: the row maxima of log u all-reduced."
+    if not self.log_domain: return True
+    t = torch.stack([(lu - self.loga).amax(-1), lu.amax(-1)])         # [2, ...]: this rank's rows
+    if not torch.isfinite(lu).all():
+        t.fill_(torch.inf)
+    t = _reduced(t, "max")
+    if not (torch.isfinite(t).all() and torch.isfinite(lv).all()): return False
+    rows = t[0] + lv.amax(-1)
+    cols = (lv - self.logb).amax(-1) + t[1]
+    return bool(torch.maximum(rows, cols).max() < self.L)
+
+# %% ../nbs/20_sinkhorn.ipynb #3d83a2d5
+def _row_split(dist_rows: bool | None) -> bool:
+    """Are the rows split across the ranks of the default group? Never without one; `dist_rows=True`: yes
+    (even on one rank); None: on > 1 ranks while autograd records."""
+    if not (dist.is_available() and dist.is_initialized()): return False
+    if dist_rows is None:
+        return torch.is_grad_enabled() and dist.get_world_size() > 1
+    return bool(dist_rows)
+
+# %% ../nbs/20_sinkhorn.ipynb #67e11ab9
+def _iterate(st: _Scaling, n_iters: int, tol: float | None) -> tuple[float, int]:
+    "Run the iterations on the state `st`; (the last measured column error, the iterations run)."
     err, it = float("nan"), 0
     for it in range(1, n_iters + 1):
         KTu = st.col_sums()
@@ -221,7 +285,43 @@ def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: 
                 break
         st.column_step(KTu)
         st.row_step()
+    return err, it
+
+# %% ../nbs/20_sinkhorn.ipynb #2841c470
+@torch.no_grad()
+def _solve(x, epsilon, n_iters, tol, a, b, log_domain, is_cost, normalize, max_iters, full, out,
+           rows: bool) -> Tensor | SinkhornResult:
+    "`sinkhorn`'s work; `rows`: `x` holds this rank's rows of a problem split across the default group."
+    x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn", finite=not rows)
+    if n_iters is None: n_iters = 3 if tol is None else max_iters
+    if n_iters < 1: raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
+    *lead, B, K = x.shape
+    n_rows = int(_reduced(torch.tensor(B, device=x.device))) if rows else B
+    a = _marginal(a, B, lead, x, "a", total=n_rows)
+    b = _marginal(b, K, lead, x, "b")
+    mass = _reduced(a.sum(-1)) if rows else a.sum(-1)
+    if not torch.allclose(mass, b.sum(-1), rtol=1e-4):
+        raise ValueError("sinkhorn: marginals a and b must have the same total mass")
+    _check_out(out, x)
+    s = (-1.0 if is_cost else 1.0) / epsilon
+    st = _DistScaling(x, s, a, b, log_domain, out, n_rows) if rows else _Scaling(x, s, a, b, log_domain, out)
+    err, it = _iterate(st, n_iters, tol)
     return st.result(normalize, full, tol, err, it, epsilon)
+
+# %% ../nbs/20_sinkhorn.ipynb #d1937e93
+def sinkhorn(x: Tensor, epsilon: float = 0.05, n_iters: int | None = None, tol: float | None = None,
+             a: Tensor | None = None, b: Tensor | None = None, log_domain: bool = True,
+             is_cost: bool = False, normalize: str = "plan", max_iters: int = 10_000, full: bool = False,
+             out: Tensor | None = None, dist_rows: bool | None = None) -> Tensor | SinkhornResult:
+    """Entropic OT between the rows and columns of scores `x` [..., B, K] (or a cost, `is_cost=True`):
+    max <Q, S> + eps H(Q) s.t. Q 1 = a, Q^T 1 = b (uniform if None). Runs `n_iters` iterations (default 3),
+    or with `tol` until the L1 column-marginal error <= tol (at most `max_iters`). Returns the plan
+    (`normalize`: "plan" | "rows" | "cols"), or a `SinkhornResult` with `full=True`; `out`: a [..., B, K]
+    buffer to compute the plan in (reused across calls it saves allocating B*K numbers each time).
+    `dist_rows`: `x` (and `a`) are this rank's rows of one problem split across the default process group;
+    the plan is then these rows of the whole problem's plan (None: when > 1 ranks and autograd records)."""
+    return _solve(x, epsilon, n_iters, tol, a, b, log_domain, is_cost, normalize, max_iters, full, out,
+                  _row_split(dist_rows))
 
 # %% ../nbs/20_sinkhorn.ipynb #45b0edee
 def _fused_kernel(X: Tensor, Km: Tensor, shift: Tensor, s: float, blocks, like: Tensor) -> Tensor:
@@ -261,10 +361,11 @@ def sinkhorn_fused(x: Tensor, epsilon: float = 0.05, n_iters: int = 3, a: Tensor
                    block_elems: int = 1 << 18, out: Tensor | None = None) -> Tensor:
     """Fixed-iteration Sinkhorn in the scaling domain with one cache-blocked sweep over the kernel per
     iteration (same iterates as `sinkhorn`); falls back to the stabilised log-domain `sinkhorn` if the
-    exp-domain kernel underflows."""
+    exp-domain kernel underflows. One process only (no `dist_rows`)."""
     x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn_fused")
     if n_iters < 1: raise ValueError(f"sinkhorn_fused: n_iters must be >= 1, got {n_iters}")
-    fallback = lambda: sinkhorn(x, epsilon, n_iters, a=a, b=b, is_cost=is_cost, normalize=normalize, out=out)
+    fallback = lambda: sinkhorn(x, epsilon, n_iters, a=a, b=b, is_cost=is_cost, normalize=normalize, out=out,
+                                dist_rows=False)
     *lead, B, K = x.shape
     X = x.reshape(-1, B, K)
     a3 = _marginal(a, B, lead, x, "a").reshape(-1, B)
