@@ -127,7 +127,7 @@ def test_data_readers(data):
         assert len(rs) == N and not rs.skipped and {len(r.captions) for r in rs} == {2}
     k = data["karpathy_coco"]
     for split, want in [("train", 2 * N), ("val", N), ("test", N), (None, 4 * N)]:
-        rs = read_karpathy(k/"dataset_coco.json", k/"images", split)
+        rs = read_karpathy(k/"dataset_coco.json", k, split)
         assert len(rs) == want and not rs.skipped
     f = data["flickr30k"]
     assert len(read_karpathy(f/"dataset_flickr30k.json", f/"flickr30k-images", "test")) == N
@@ -148,7 +148,7 @@ def test_rehearsal_paths_resolve(data, data_root):
     assert {"coco", "coco_karpathy", "flickr30k", "imagenet", "cc3m", "cc12m"} <= set(paths)
     assert paths["cc12m"] == paths["cc3m"] and paths["imagenet"] == str(data["imagefolder"])
     specs = ["coco:{coco}/annotations/captions_val2017.json?images={coco}/val2017",
-             "karpathy:{coco_karpathy}/dataset_coco.json?images={coco_karpathy}/images&split=test",
+             "karpathy:{coco_karpathy}/dataset_coco.json?images={coco_karpathy}&split=test",
              "karpathy:{flickr30k}/dataset_flickr30k.json?images={flickr30k}/flickr30k-images&split=test",
              "imagefolder:{imagenet}/val?classnames={imagenet}/classnames.txt",
              "wds:{cc12m}/*.tar", "csv:{captions_csv}/captions.tsv?images={captions_csv}/images"]

@@ -21,7 +21,7 @@ __all__ = ['FIXTURE_VERSION', 'FIXTURE_FILE', 'RANDOM_NOTE', 'MODEL_KINDS', 'COL
            'rehearsal_models']
 
 # %% ../nbs/08_fixtures.ipynb #6eba444f
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 FIXTURE_FILE = "fixture.json"
 RANDOM_NOTE = ("RANDOM weights / generated data: for tests and rehearsals only, never pretrained; "
                "scores measured with it say only that the code ran")
@@ -220,7 +220,7 @@ def _coco2014_name(i: int, split: str) -> tuple[str, str]:
 
 # %% ../nbs/08_fixtures.ipynb #fe7748f3
 def _write_karpathy_coco(out: Path, n: int):
-    _write_karpathy(out, n, "coco", ("train", "restval", "val", "test"), "images", _coco2014_name)
+    _write_karpathy(out, n, "coco", ("train", "restval", "val", "test"), ".", _coco2014_name)
 
 # %% ../nbs/08_fixtures.ipynb #35605c6c
 def _write_flickr30k(out: Path, n: int):
