@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_train.ipynb #a8041138
 from __future__ import annotations
-import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses
+import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses, atexit, contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
@@ -22,7 +23,8 @@ from .core import RunConfig, get_device, seed_everything
 # %% auto #0
 __all__ = ['cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules', 'count_parameters', 'trainable_state_dict',
            'load_trainable_state_dict', 'frozen_snapshot', 'check_frozen', 'NonFiniteLossError', 'TrainResult',
-           'dist_info', 'to_device', 'TrainOptions', 'Trainer', 'train']
+           'dist_info', 'init_distributed', 'to_device', 'sync_batchnorm', 'restore_batchnorm', 'TrainOptions',
+           'Trainer', 'train']
 
 # %% ../nbs/04_train.ipynb #3e54dd02
 def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -270,13 +272,27 @@ def last(self: TrainResult, key: str = "loss") -> float:
 
 # %% ../nbs/04_train.ipynb #f9e14330
 class _LossForward(nn.Module):
-    "DDP hooks run on `forward`; this routes `forward(batch)` to the mechanism's `loss(batch)`."
+    """DDP hooks run on `forward`; this routes `forward(batch)` to the mechanism's `loss(batch)`, and
+    `forward(batch, cache, j)` to `loss_from_features` of the cached features, `j`'s taken live."""
     def __init__(self, mechanism):
         super().__init__()
         self.mechanism = mechanism
 
-    def forward(self, batch):
-        return self.mechanism.loss(batch)
+    def forward(self, batch, cache=None, j=0):
+        if cache is None:
+            return self.mechanism.loss(batch)
+        live = self.mechanism.accum_features(batch)
+        return self.mechanism.loss_from_features(_splice(cache, j, live))
+
+# %% ../nbs/04_train.ipynb #a171ec60
+def _splice(cache: list, j: int, live):
+    "The features of all micro-batches along dim 0, the `j`-th taken `live` (a tensor or a dict of tensors)."
+    if not cache:
+        return live
+    parts = cache[:j] + [live] + cache[j + 1:]
+    if isinstance(live, Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in live}
+    return torch.cat(parts)
 
 # %% ../nbs/04_train.ipynb #2a8b0375
 def dist_info() -> tuple[int, int, int]:
@@ -286,6 +302,30 @@ def dist_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), local, dist.get_world_size()
     return int(os.environ.get("RANK", 0)), local, int(os.environ.get("WORLD_SIZE", 1))
+
+# %% ../nbs/04_train.ipynb #53146ee2
+def _end_process_group():
+    "Destroy the default process group at interpreter exit, if it still exists."
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+# %% ../nbs/04_train.ipynb #597aae05
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """(rank, world size), making the default process group once per process when torchrun started us.
+    Idempotent: a group made earlier (by the user, a `train` call or an extraction) is reused as it is;
+    the group lives until the interpreter exits. Outside torchrun: (0, 1), no group."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+            return 0, 1
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        atexit.register(_end_process_group)
+    return dist.get_rank(), dist.get_world_size()
 
 # %% ../nbs/04_train.ipynb #9d363537
 def to_device(batch, device: torch.device):
@@ -395,6 +435,77 @@ def _resolve_warmup(warmup: int | float, steps: int) -> int:
                          f"got {warmup}")
     return min(int(warmup), steps)
 
+# %% ../nbs/04_train.ipynb #9a478018
+def _global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    "Per-channel mean and biased variance of all ranks' `x` (N, C, ...) together, differentiably; the count."
+    dims = [0] + list(range(2, x.ndim))
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    n_local = x.numel() // x.shape[1]
+    s = dist_nn.all_reduce(torch.cat([x.sum(dims), x.new_tensor([float(n_local)])]))
+    n = int(round(float(s[-1])))
+    mean = s[:-1] / n
+    var = dist_nn.all_reduce((x - mean.reshape(shape)).pow(2).sum(dims)) / n
+    return mean, var, n
+
+# %% ../nbs/04_train.ipynb #b5821aeb
+class _GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the union of every rank's batch for CPU tensors (gloo), where `nn.SyncBatchNorm` and
+    DDP refuse to run: the moments are all-reduced with autograd. Outside a group, in eval mode: BatchNorm."""
+    def _check_input_dim(self, x):
+        if x.dim() < 2: raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        mean, var, n = _global_moments(x)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
+
+# %% ../nbs/04_train.ipynb #dd99b9a0
+def _gloo_sync_bn(bn: nn.modules.batchnorm._BatchNorm) -> _GlooSyncBatchNorm:
+    "A `_GlooSyncBatchNorm` sharing `bn`'s parameters, statistics, mode (as `convert_sync_batchnorm` does)."
+    new = _GlooSyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        if getattr(bn, name, None) is not None:
+            setattr(new, name, getattr(bn, name))
+    new.train(bn.training)
+    return new
+
+# %% ../nbs/04_train.ipynb #c1f0402e
+def sync_batchnorm(module: nn.Module, skip: Iterable[str] = (), gpu: bool = False
+                   ) -> list[tuple[str, nn.Module]]:
+    """Replace, in place, every BatchNorm of `module` outside the submodules `skip` by a synchronised one
+    sharing its parameters and statistics: `nn.SyncBatchNorm` on GPU, else `_GlooSyncBatchNorm`.
+    Returns the originals as (name, module) for `restore_batchnorm`."""
+    skip, originals = list(skip), []
+    done = (nn.SyncBatchNorm, _GlooSyncBatchNorm)
+    for name, m in list(module.named_modules()):
+        if name == "" or name in skip or _in_frozen(name, skip):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, done):
+            new = nn.SyncBatchNorm.convert_sync_batchnorm(m) if gpu else _gloo_sync_bn(m)
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, new)
+            originals.append((name, m))
+    return originals
+
+# %% ../nbs/04_train.ipynb #0fb0ee3d
+def restore_batchnorm(module: nn.Module, originals: list[tuple[str, nn.Module]]):
+    "Put back the BatchNorms `sync_batchnorm` replaced (their tensors carry the statistics learnt meanwhile)."
+    for name, m in reversed(originals):
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, m)
+
 # %% ../nbs/04_train.ipynb #01f3e025
 @dataclass
 class TrainOptions:
@@ -423,6 +534,9 @@ class TrainOptions:
     device: str | torch.device | None = None
     progress: bool = True
     ddp_kwargs: dict | None = None
+    sync_bn: bool = True
+    accum_steps: int = 1
+    accum_mode: str = "plain"
 
 # %% ../nbs/04_train.ipynb #c41a78dc
 def _check_options(o: TrainOptions):
@@ -444,6 +558,10 @@ def _check_options(o: TrainOptions):
         raise ValueError(f"train: patience ({o.patience}) needs keep_best and must be >= 1")
     if o.max_seconds is not None and not o.max_seconds > 0:
         raise ValueError(f"train: max_seconds must be > 0, got {o.max_seconds}")
+    if int(o.accum_steps) != o.accum_steps or o.accum_steps < 1:
+        raise ValueError(f"train: accum_steps must be a whole number >= 1, got {o.accum_steps}")
+    if o.accum_mode not in ("plain", "cached"):
+        raise ValueError(f"train: accum_mode must be 'plain' or 'cached', got {o.accum_mode!r}")
 
 # %% ../nbs/04_train.ipynb #ffdabe18
 @patch
@@ -466,6 +584,11 @@ class Trainer:
         if not callable(getattr(mechanism, "loss", None)):
             raise TypeError(f"train: {type(mechanism).__name__} has no loss(batch) method")
         self.mech, self.data, self.cfg, self.o = mechanism, data, cfg, opts.resolve(cfg)
+        hooks = ("accum_features", "loss_from_features")
+        missing = [h for h in hooks if not callable(getattr(mechanism, h, None))]
+        if self.o.accum_mode == "cached" and missing:
+            raise TypeError(f"train: accum_mode='cached' needs {type(mechanism).__name__}.{missing[0]}")
+        self.bn_originals = []
         self._setup_dist()
         seed_everything(cfg.seed)
         if self.ddp:
@@ -489,12 +612,9 @@ class Trainer:
 @patch
 def _setup_dist(self: Trainer):
     """Rank and world size, the process group and the device.
-    The group is made here if torchrun started us and nobody else did."""
-    self.rank, local_rank, self.world = dist_info()
-    self.we_init = False
-    if self.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.we_init = True
+    The group comes from `init_distributed`: made once per process, never ended by `train`."""
+    self.rank, self.world = init_distributed()
+    local_rank = dist_info()[1]
     self.ddp, self.is_main = self.world > 1, self.rank == 0
     device = self.o.device
     if device is None and self.ddp and torch.cuda.is_available():
@@ -515,11 +635,20 @@ def _setup_optimiser(self: Trainer):
     self.opt = torch.optim.AdamW(_param_groups(named, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     self.scaler = torch.amp.GradScaler(self.device.type) if o.amp == "fp16" else None
     self.frozen = frozen_modules(mech)
-    self.loss_fn = mech.loss
+    self.loss_fn, self.model = mech.loss, _LossForward(mech)
     if self.ddp:
-        kw = {"broadcast_buffers": False} | (o.ddp_kwargs or {})
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.loss_fn = DistributedDataParallel(_LossForward(mech), device_ids=ids, **kw)
+        self._wrap_ddp()
+
+# %% ../nbs/04_train.ipynb #d4c95f59
+@patch
+def _wrap_ddp(self: Trainer):
+    "Synchronised BatchNorm (unless `sync_bn=False`), then `DistributedDataParallel` around the loss."
+    o = self.o
+    if o.sync_bn:
+        self.bn_originals = sync_batchnorm(self.mech, self.frozen, self.device.type == "cuda")
+    kw = {"broadcast_buffers": False} | (o.ddp_kwargs or {})
+    ids = [self.device.index] if self.device.type == "cuda" else None
+    self.model = self.loss_fn = DistributedDataParallel(self.model, device_ids=ids, **kw)
 
 # %% ../nbs/04_train.ipynb #2c3f85f0
 @patch
@@ -569,7 +698,8 @@ def checkpoint(self: Trainer, gather: bool = True, mine: dict | None = None):
     o.ckpt_dir.mkdir(parents=True, exist_ok=True)
     cpu = lambda sd: None if sd is None else {k: v.detach().cpu() for k, v in sd.items()}
     schedule = {"kind": "warmup_cosine", "total": o.steps, "warmup": o.warmup, "base_lr": o.lr,
-                "min_lr": o.min_lr}
+                "min_lr": o.min_lr,
+                "accum_steps": o.accum_steps, "accum_mode": o.accum_mode}
     best = {"state": self.best_state, "step": self.best_step, "metric": self.best_metric,
             "bad": self.bad_evals}
     _atomic_save({"step": self.step, "model": cpu(trainable_state_dict(self.mech)),
@@ -596,8 +726,10 @@ def _read_checkpoint(path: Path) -> dict:
 def _warn_if_changed(self: Trainer, ck: dict):
     "Warn when the run resumed differs from the one checkpointed (schedule or seed)."
     o = self.o
-    now = {"total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr}
-    was = {k: ck["schedule"].get(k) for k in now}
+    now = {"total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr,
+           "accum_steps": o.accum_steps, "accum_mode": o.accum_mode}
+    defaults = {"accum_steps": 1, "accum_mode": "plain"}                 # checkpoints from before accumulation
+    was = {k: ck["schedule"].get(k, defaults.get(k)) for k in now}
     if was != now:
         warnings.warn(f"train: resuming {self.ckpt_path} with a different schedule {now} "
                       f"(checkpoint: {was}); the result will differ from an uninterrupted run")
@@ -620,7 +752,7 @@ def _restore_position(self: Trainer, ck: dict):
     if self.stateful and mine.get("data") is not None:
         self.source.load_state_dict(mine["data"])
     elif self.stream is not None:
-        for _ in range(self.start):
+        for _ in range(self.start * self.o.accum_steps):
             next(self.stream)                            # fast-forward a plain iterable
     _set_rng_state(mine["rng"], self.gen)
 
@@ -652,10 +784,10 @@ def resume(self: Trainer):
 
 # %% ../nbs/04_train.ipynb #5bee2120
 @patch
-def next_batch(self: Trainer):
-    "The batch of the current step, on the device."
+def next_batch(self: Trainer, j: int = 0):
+    "Micro-batch `j` of the current update, on the device (a callable gets the index `step * accum_steps + j`)."
     if self.gen is not None:
-        return to_device(self.data(self.step, self.gen), self.device)
+        return to_device(self.data(self.step * self.o.accum_steps + j, self.gen), self.device)
     try:
         batch = next(self.stream)
     except StopIteration:
@@ -690,26 +822,68 @@ def _logged(self: Trainer, out) -> dict[str, float]:
 
 # %% ../nbs/04_train.ipynb #d6e5ef4c
 @patch
-def forward_backward(self: Trainer, batch) -> tuple[dict[str, float], float]:
-    "Loss, finiteness checks, backward and clipping; (logged scalars, gradient norm). No weight changes yet."
-    o = self.o
-    dtype = torch.bfloat16 if o.amp == "bf16" else torch.float16
-    with torch.autocast(self.device.type, dtype=dtype, enabled=o.amp is not None):
-        out = self.loss_fn(batch)
-    logged = self._logged(out)
-    if not math.isfinite(logged["loss"]):
-        where = " (on some rank)" if self.ddp else ""
-        raise NonFiniteLossError(f"train: loss is {logged['loss']} at step {self.step}"
-                                 f"{where}{self._kept_message()}")
-    self.opt.zero_grad(set_to_none=True)
-    (self.scaler.scale(out["loss"]) if self.scaler else out["loss"]).backward()
+def _autocast(self: Trainer):
+    "`torch.autocast` for `amp` (a no-op context without it)."
+    dtype = torch.bfloat16 if self.o.amp == "bf16" else torch.float16
+    return torch.autocast(self.device.type, dtype=dtype, enabled=self.o.amp is not None)
+
+# %% ../nbs/04_train.ipynb #bc82419f
+@patch
+def _micro_batch(self: Trainer, batch, j: int, cache: list | None = None) -> dict[str, float]:
+    """Forward, finiteness check and backward of micro-batch `j`; its logged scalars.
+    Plain: `loss / accum_steps`; cached: the loss on all micro-batches' features, undivided.
+    DDP all-reduces the gradients with the last micro-batch only."""
+    k = self.o.accum_steps
+    sync = contextlib.nullcontext() if j == k - 1 or not self.ddp else self.model.no_sync()
+    with sync:
+        with self._autocast():
+            out = self.loss_fn(batch) if cache is None else self.model(batch, cache=cache, j=j)
+        logged = self._logged(out)
+        if not math.isfinite(logged["loss"]):
+            where = " (on some rank)" if self.ddp else ""
+            raise NonFiniteLossError(f"train: loss is {logged['loss']} at step {self.step}"
+                                     f"{where}{self._kept_message()}")
+        loss = out["loss"] / k if cache is None and k > 1 else out["loss"]
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+    return logged
+
+# %% ../nbs/04_train.ipynb #87a9dfec
+@patch
+def _cached_pass(self: Trainer, batches: list) -> list:
+    "Every micro-batch's `accum_features`, without gradients (open_clip's first `accum_freq` pass)."
+    if len(batches) == 1:
+        return []
+    with torch.no_grad(), self._autocast():
+        return [self.mech.accum_features(b) for b in batches]
+
+# %% ../nbs/04_train.ipynb #b7ff1481
+@patch
+def _clip(self: Trainer, loss: float) -> float:
+    "Unscale (fp16) and clip the accumulated gradients; their norm, or an error if it is not finite."
     if self.scaler:
         self.scaler.unscale_(self.opt)
-    gnorm = float(nn.utils.clip_grad_norm_(self.params, o.clip_grad if o.clip_grad else float("inf")))
+    clip = self.o.clip_grad if self.o.clip_grad else float("inf")
+    gnorm = float(nn.utils.clip_grad_norm_(self.params, clip))
     if not math.isfinite(gnorm) and self.scaler is None:
         raise NonFiniteLossError(f"train: gradient norm is {gnorm} at step {self.step} "
-                                 f"(loss {logged['loss']:.4g}){self._kept_message()}")
-    return logged, gnorm
+                                 f"(loss {loss:.4g}){self._kept_message()}")
+    return gnorm
+
+# %% ../nbs/04_train.ipynb #017c664d
+@patch
+def forward_backward(self: Trainer) -> tuple[dict[str, float], float]:
+    """The `accum_steps` micro-batches of one update: losses, finiteness checks, backward, clipping.
+    (logged scalars averaged over micro-batches, gradient norm). No weight changes yet."""
+    k = self.o.accum_steps
+    self.opt.zero_grad(set_to_none=True)
+    if self.o.accum_mode == "cached":
+        batches = [self.next_batch(j) for j in range(k)]
+        cache = self._cached_pass(batches)
+        logs = [self._micro_batch(b, j, cache) for j, b in enumerate(batches)]
+    else:
+        logs = [self._micro_batch(self.next_batch(j), j) for j in range(k)]
+    logged = logs[0] if k == 1 else {key: sum(lg[key] for lg in logs) / k for key in logs[0]}
+    return logged, self._clip(logged["loss"])
 
 # %% ../nbs/04_train.ipynb #50594983
 @patch
@@ -762,6 +936,16 @@ def _agree(self: Trainer, flag: bool) -> bool:
     box = [flag]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
+
+# %% ../nbs/04_train.ipynb #1bb45a9b
+@patch
+def _share_outcome(self: Trainer):
+    "Rank 0's history (with the evaluations), best state, step, metric and stop reason, on every rank."
+    if not self.ddp:
+        return
+    box = [(self.history, self.best_state, self.best_step, self.best_metric, self.bad_evals, self.stopped)]
+    dist.broadcast_object_list(box, src=0)
+    self.history, self.best_state, self.best_step, self.best_metric, self.bad_evals, self.stopped = box[0]
 
 # %% ../nbs/04_train.ipynb #f106b090
 @patch
@@ -831,12 +1015,13 @@ def after_step(self: Trainer, loss: float):
 # %% ../nbs/04_train.ipynb #81afb5d8
 @patch
 def finish(self: Trainer):
-    "The last evaluation (unless this step was just evaluated), the final checkpoint, the final hook call."
+    "The last evaluation (unless just done), the final checkpoint, rank 0's outcome on all ranks, the hook."
     o = self.o
     if self.last_eval_step != self.step:
         self.evaluate()
     if o.ckpt_dir is not None:
         self.checkpoint()
+    self._share_outcome()
     loss = self.history[-1].get("loss", float("nan")) if self.history else float("nan")
     self._call_hook(loss, o.ckpt_dir is not None, final=True)
 
@@ -854,10 +1039,11 @@ def interrupted(self: Trainer):
 # %% ../nbs/04_train.ipynb #a13cf323
 @patch
 def close(self: Trainer):
-    "Leave the mechanism in eval mode; end the process group if this call made it."
+    "Put back BatchNorms made synchronous, drop the DDP wrapper, eval mode; the group stays."
+    restore_batchnorm(self.mech, self.bn_originals)
+    self.bn_originals = []
+    self.model = self.loss_fn = None
     self.mech.eval()
-    if self.we_init and dist.is_initialized():
-        dist.destroy_process_group()
 
 # %% ../nbs/04_train.ipynb #49e89f16
 @patch
@@ -887,8 +1073,7 @@ def train(mechanism: nn.Module, data: Iterable | Callable[[int, torch.Generator]
         while t.step < o.steps and t.stopped is None:
             if o.ckpt_dir is not None:
                 t.at_step_start = t.position()           # where an interrupt inside this step resumes from
-            batch = t.next_batch()
-            logged, gnorm = t.forward_backward(batch)
+            logged, gnorm = t.forward_backward()
             lr = t.apply_update()
             t.log(logged, lr, gnorm)
             bar.set_postfix(loss=f"{logged['loss']:.4g}", refresh=False)
