@@ -5,8 +5,9 @@
 # %% ../nbs/52_cli.ipynb #56747be0
 from __future__ import annotations
 import sys, time, argparse
+import yaml
 from pathlib import Path
-from .sweep import SweepError, run_sweep, run_notebook_child, _repo_root
+from .sweep import EXECUTORS, SweepError, run_sweep, run_notebook_child, _repo_root
 from .results import collect, write_summary_notebook
 from .evaluate import score_run
 from .data import BadInputError
@@ -62,13 +63,40 @@ def demo(out_root: str | Path = "runs", jobs: int = 1, device: str | None = None
 # %% ../nbs/52_cli.ipynb #bef8714b
 def _runner_opts(p: argparse.ArgumentParser) -> None:
     "The options `sweep` and `demo` share: how many runs at a time, on which device, at which size, where."
-    p.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time (processes)")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="runs at a time (default 1; under Slurm every run at once)")
     p.add_argument("--device", default=None,
                    help="e.g. cpu, cuda:0, or cuda:0,cuda:1 shared by parallel runs")
     p.add_argument("--smoke", action="store_true",
                    help="apply the sweep's smoke overrides (into <name>-smoke/)")
     p.add_argument("--force", action="store_true", help="re-run finished runs too")
     p.add_argument("--out", default="runs", help="root folder of the sweeps (default: runs)")
+
+# %% ../nbs/52_cli.ipynb #6051c223
+_SLURM_FLAGS = {"partition": str, "time": str, "gpus_per_node": int, "cpus_per_task": int, "mem": str,
+                "account": str, "qos": str, "constraint": str}
+
+def _executor_opts(p: argparse.ArgumentParser) -> None:
+    "The options of `sweep` that say where its runs execute: locally, or one Slurm job per run."
+    g = p.add_argument_group("executor", "where the runs execute (default: the sweep's `executor:`, else local)")
+    g.add_argument("--executor", choices=EXECUTORS, default=None, help="local, slurm, or submitit-local")
+    g.add_argument("--slurm", action="store_true", help="one Slurm job per run (= --executor slurm)")
+    for k, typ in _SLURM_FLAGS.items():
+        g.add_argument("--" + k.replace("_", "-"), dest=k, type=typ, default=None, help=f"Slurm {k}")
+    g.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option submitit knows (YAML value), e.g. setup='[module load cuda]'")
+
+# %% ../nbs/52_cli.ipynb #c39481a6
+def _slurm_args(a: argparse.Namespace) -> tuple:
+    "The executor and Slurm options (None: none given) that the command line asks for."
+    if a.slurm and a.executor not in (None, "slurm"):
+        raise SweepError(f"--slurm and --executor {a.executor} contradict each other")
+    opts = {k: getattr(a, k) for k in _SLURM_FLAGS if getattr(a, k) is not None}
+    for kv in a.slurm_opt:
+        if "=" not in kv: raise SweepError(f"--slurm-opt takes KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        opts[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return ("slurm" if a.slurm else a.executor), (opts or None)
 
 # %% ../nbs/52_cli.ipynb #1ad1f162
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a sweep file, then collect it")
     p.add_argument("config")
     _runner_opts(p)
+    _executor_opts(p)
     p.add_argument("--demo", action="store_true", help="apply the sweep's demo block (into <name>-demo/)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run ids (globs) to run, or a number: the first N")
@@ -101,8 +130,9 @@ def _parser() -> argparse.ArgumentParser:
 # %% ../nbs/52_cli.ipynb #01259beb
 def _cmd_sweep(a: argparse.Namespace) -> int:
     "`vla_lit sweep`: run, collect (unless `--no-collect`), list the failed runs; 1 when one failed."
+    executor, slurm = _slurm_args(a)
     res = run_sweep(a.config, out_root=a.out, jobs=a.jobs, device=a.device, smoke=a.smoke, only=a.only,
-                    force=a.force, demo=a.demo, rehearse=a.rehearse)
+                    force=a.force, demo=a.demo, rehearse=a.rehearse, executor=executor, slurm=slurm)
     if not a.no_collect:
         t = collect(res.attrs["sweep_dir"])
         print(f"table: {Path(res.attrs['sweep_dir'])/'results.md'}")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_sweep.ipynb #3166e845
 from __future__ import annotations
-import os, sys, re, ast, json, time, copy, queue, signal, shutil, hashlib, fnmatch, functools
+import os, sys, re, ast, json, math, time, copy, queue, signal, shutil, hashlib, fnmatch, functools
 import datetime, itertools, platform, threading, subprocess
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -12,13 +12,13 @@ from pathlib import Path
 import yaml
 import vla_lit
 from . import __version__
-# nbformat, papermill, pandas and tqdm are imported inside the functions that use them: importing this
+# nbformat, papermill, pandas, tqdm and submitit are imported inside the functions that use them: importing this
 # module (the `vla_lit` command, every run's own process) stays fast, and only the runner pays for them.
 
 # %% auto #0
-__all__ = ['SWEEP_KEYS', 'SweepError', 'substitute', 'load_sweep', 'Run', 'run_id', 'expand_runs', 'rehearsal_sweep',
+__all__ = ['SWEEP_KEYS', 'EXECUTORS', 'SweepError', 'substitute', 'load_sweep', 'Run', 'run_id', 'expand_runs', 'rehearsal_sweep',
            'select_runs', 'notebook_parameters', 'check_parameters', 'run_notebook_child', 'launch_command',
-           'is_finished', 'execute_run', 'sweep_dir_for', 'run_sweep']
+           'is_finished', 'execute_run', 'run_job', 'execute_job', 'sweep_dir_for', 'run_sweep']
 
 # %% ../nbs/50_sweep.ipynb #296b7e6a
 class SweepError(ValueError):
@@ -33,7 +33,8 @@ _SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 # %% ../nbs/50_sweep.ipynb #445f3761
 SWEEP_KEYS = ("name", "notebook", "description", "base", "grid", "runs", "seeds", "smoke", "demo",
-              "launcher", "timeout", "metrics", "plot", "seed_key", "paths", "rehearsal")
+              "launcher", "executor", "timeout", "metrics", "plot", "seed_key", "paths", "rehearsal")
+EXECUTORS = ("local", "slurm", "submitit-local")   # where the runs execute (see "Running on Slurm")
 
 # %% ../nbs/50_sweep.ipynb #3aeb1cab
 def _find_root(start: Path) -> Path | None:
@@ -71,6 +72,9 @@ def _norm_launcher(l, where) -> dict | None:
     n = tr.get("nproc_per_node", 1)
     if not (isinstance(n, int) and n >= 1) and n not in ("gpu", "cpu", "auto"):
         raise SweepError(f"{where}: launcher.torchrun.nproc_per_node must be a positive int, got {n!r}")
+    if str(tr.get("nnodes", 1)) not in ("1", "1:1") and not ({"rdzv_endpoint", "master_addr"} & set(tr)):
+        raise SweepError(f"{where}: launcher.torchrun.nnodes={tr['nnodes']!r} needs a rendezvous: rdzv_endpoint "
+                         f"(host:port of one node) with rdzv_backend: c10d, or master_addr/master_port and node_rank")
     return {"torchrun": dict(tr)}
 
 # %% ../nbs/50_sweep.ipynb #721839ce
@@ -191,6 +195,46 @@ def _timeout(cfg, where) -> float | None:
         raise SweepError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
     return timeout
 
+# %% ../nbs/50_sweep.ipynb #90be8397
+def _slurm_minutes(t, where) -> int:
+    "A Slurm time limit in minutes, from a number of minutes or an sbatch time `HH:MM:SS` / `D-HH:MM:SS`."
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0: return int(math.ceil(t))
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d+):(\d+)", str(t).strip())
+    if m is None and str(t).strip().isdigit() and int(t) > 0: return int(t)
+    if m is None: raise SweepError(f"{where}: executor time must be minutes or [D-]HH:MM:SS, got {t!r}")
+    d, h, mi, s = (int(x or 0) for x in m.groups())
+    return d * 1440 + h * 60 + mi + math.ceil(s / 60)
+
+# %% ../nbs/50_sweep.ipynb #2e1a672f
+def _slurm_options(opts: dict, where) -> dict:
+    "Check Slurm options against the sbatch parameters submitit knows; `time` in minutes, a bare `mem` in GB."
+    import submitit   # lazy: only a sweep that names an executor pays for importing it
+    valid = submitit.SlurmExecutor._valid_parameters()
+    bad = sorted(set(opts) - valid)
+    if bad: raise SweepError(f"{where}: unknown Slurm option(s) {bad}; submitit knows {sorted(valid)}")
+    out = dict(opts)
+    if "time" in out: out["time"] = _slurm_minutes(out["time"], where)
+    mem = out.get("mem")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool): out["mem"] = f"{mem:g}G"
+    for k in ("nodes", "ntasks_per_node"):
+        if out.get(k, 1) != 1:
+            raise SweepError(f"{where}: executor {k} must be 1: a run is one job on one node, whose torchrun "
+                             f"starts its processes (several GPUs: launcher: {{torchrun: N}})")
+    return out
+
+# %% ../nbs/50_sweep.ipynb #5d2e39cc
+def _norm_executor(e, where) -> dict:
+    "Check an executor spec: `local`, `slurm`, `submitit-local`, or `{slurm: {option: value}}`: `{kind, options}`."
+    if e is None: return dict(kind="local", options={})
+    if isinstance(e, str): e = {e: {}}
+    if not isinstance(e, dict) or len(e) != 1 or next(iter(e)) not in EXECUTORS:
+        raise SweepError(f"{where}: executor must be one of {list(EXECUTORS)} or {{slurm: {{partition: ..., "
+                         f"time: ...}}}}, got {e!r}")
+    kind, opts = next(iter(e.items()))
+    opts = _mapping(opts, f"executor.{kind}", where)
+    if kind == "local" and opts: raise SweepError(f"{where}: the local executor takes no options, got {opts!r}")
+    return dict(kind=kind, options=_slurm_options(opts, where) if opts else {})
+
 # %% ../nbs/50_sweep.ipynb #8d62388a
 def _paths(cfg, where) -> dict[str, str]:
     "The `paths:` block: names (identifiers) to folder paths (strings)."
@@ -240,10 +284,11 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
     plot = _plot(cfg, where)
     timeout = _timeout(cfg, where)
     launcher = _norm_launcher(cfg.get("launcher"), where)
+    executor = _norm_executor(cfg.get("executor"), where)
     paths, rehearsal = _paths(cfg, where), _rehearsal(cfg, where)
     return dict(name=name, notebook=str(found.resolve()), description=str(cfg.get("description") or ""),
                 base=base, grid=grid, runs=runs, seeds=seeds, seed_key=seed_key, smoke=smoke, demo=demo,
-                launcher=launcher, timeout=timeout, metrics=metrics, plot=plot, paths=paths, rehearsal=rehearsal,
+                launcher=launcher, executor=executor, timeout=timeout, metrics=metrics, plot=plot, paths=paths, rehearsal=rehearsal,
                 model_map={},
                 source=str(src.resolve()) if src else None, root=str(Path(root).resolve()))
 
@@ -553,6 +598,13 @@ def is_finished(run_dir: str | Path, params: dict | None = None) -> bool:
     if st.get("status") != "ok" or not isinstance(_read_json(d/"metrics.json"), dict): return False
     return params is None or _read_json(d/"params.json") == json.loads(json.dumps(params, default=str))
 
+# %% ../nbs/50_sweep.ipynb #bdc8465e
+def _run_params(run: Run, device, defaults) -> dict:
+    "The parameters papermill injects into a run: its own, and `device` when the notebook has that knob."
+    params = dict(run.params)
+    if device and defaults is not None and "device" in defaults: params["device"] = device
+    return params
+
 # %% ../nbs/50_sweep.ipynb #1550cf47
 def _start_record(run: Run, d: Path, notebook, device, sweep_name, smoke, defaults) -> dict:
     "Clear a run folder; write its params.json, config.json and a `running` status.json; returns the status."
@@ -560,8 +612,7 @@ def _start_record(run: Run, d: Path, notebook, device, sweep_name, smoke, defaul
     for f in ("metrics.json", "error.json", "status.json", "run.ipynb", "log.txt"):
         (d/f).unlink(missing_ok=True)
     shutil.rmtree(d/"ranks", ignore_errors=True)
-    params = dict(run.params)
-    if device and defaults is not None and "device" in defaults: params["device"] = device
+    params = _run_params(run, device, defaults)
     _write_json(d/"params.json", params)
     _write_json(d/"config.json", dict(sweep=sweep_name, run_id=run.id, notebook=str(notebook),
         knobs=run.knobs, params=params, launcher=run.launcher, device=device, smoke=smoke,
@@ -588,6 +639,9 @@ def _wait_run(run: Run, d: Path, device, timeout) -> tuple:
             _kill(p)
             rc = p.wait()
             reason = f"timed out after {timeout:g} s (the sweep's `timeout`)"
+        except KeyboardInterrupt:       # a submitit job's body cancelled (SIGTERM/SIGINT): stop the run first
+            _kill(p, grace=5)
+            raise
         finally:
             _LIVE.pop(p.pid, None)
     return rc, reason
@@ -636,6 +690,142 @@ def execute_run(run: Run, run_dir: str | Path, notebook: str | Path, device: str
     _write_json(d/"status.json", _judge(st, run, d, rc, reason))
     return st
 
+# %% ../nbs/50_sweep.ipynb #12d36ac7
+def _job_params(kind: str, opts: dict, run: Run, timeout, name: str = "") -> dict:
+    "submitit parameters of one run's job: its options, a time limit, one task on one node, a GPU per rank."
+    p = dict(opts)
+    p.setdefault("time", math.ceil(timeout / 60) + 5 if timeout else 24 * 60)
+    n = ((run.launcher or {}).get("torchrun") or {}).get("nproc_per_node")
+    if p.get("gpus_per_node") and isinstance(n, int): p["gpus_per_node"] = n   # one GPU per torchrun process
+    if kind == "slurm": return {"job_name": f"{name}:{run.id}"[:120], "nodes": 1, "ntasks_per_node": 1, **p}
+    local = dict(timeout_min=p["time"], gpus_per_node=p.get("gpus_per_node", 0))
+    if p.get("setup"): local["setup"] = list(p["setup"])
+    return local
+
+# %% ../nbs/50_sweep.ipynb #3d833f65
+def _executor(kind: str, folder: Path, params: dict):
+    "A submitit executor writing into `folder`: Slurm's, or submitit's local one."
+    import submitit   # lazy (see the imports cell)
+    ex = submitit.SlurmExecutor(folder=folder) if kind == "slurm" else submitit.LocalExecutor(folder=folder)
+    ex.update_parameters(**params)
+    return ex
+
+# %% ../nbs/50_sweep.ipynb #46c61092
+def run_job(run_dir: str | Path, run: Run, device: str | None = None, timeout: float | None = None,
+            executor: str = "slurm") -> str:
+    "Body of a run's submitit job: the run's `launch_command` in the job, judged and recorded; returns its status."
+    import submitit   # lazy (see the imports cell)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)   # scancel / preemption: stop the run, record why
+    d, env = Path(run_dir), submitit.JobEnvironment()
+    st = _read_json(d/"status.json") or {}
+    st.update(executor=executor, job_id=str(env.job_id), job_folder=str(d/"submitit"), host=platform.node(),
+              job_started=_now())
+    _write_json(d/"status.json", st)
+    t0 = time.time()
+    try:
+        rc, reason = _wait_run(run, d, device, timeout)
+    except KeyboardInterrupt:
+        rc, reason = None, f"{executor} job {env.job_id} was cancelled (SIGTERM/SIGINT) before the run finished"
+    st.update(wall_s=round(time.time() - t0, 3), finished=_now(), returncode=rc, device=device,
+              launcher=run.launcher)
+    _write_json(d/"status.json", _judge(st, run, d, rc, reason))
+    return st["status"]
+
+# %% ../nbs/50_sweep.ipynb #d7d084cf
+@dataclass
+class _LocalJobRef:
+    "A submitit-local job of an earlier runner, by its controller's pid: running while that process is."
+    job_id: str
+
+    def done(self, force_check: bool = False) -> bool:
+        try:
+            cmd = Path(f"/proc/{self.job_id}/cmdline").read_bytes()
+        except OSError:
+            return True
+        return b"submitit.local._local" not in cmd      # gone, a zombie, or a reused pid
+
+    def cancel(self, check: bool = False) -> None:
+        if not self.done(): os.kill(int(self.job_id), signal.SIGINT)
+
+    @property
+    def state(self) -> str:
+        return "FINISHED" if self.done() else "RUNNING"
+
+# %% ../nbs/50_sweep.ipynb #8169c6b6
+_JOBS: dict[str, object] = {}     # run folder -> its submitit job while the runner waits (cancelled on Ctrl-C)
+_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
+
+def _live_job(d: Path):
+    "The job still pending or running a run (as its status.json records), or None when there is none."
+    st = _read_json(Path(d)/"status.json") or {}
+    kind = st.get("executor")
+    if st.get("status") != "running" or not st.get("job_id") or kind not in EXECUTORS[1:]: return None
+    if kind == "submitit-local":
+        job = _LocalJobRef(str(st["job_id"]))
+        return None if job.done() else job
+    import submitit   # lazy (see the imports cell)
+    job = submitit.SlurmJob(st.get("job_folder") or Path(d)/"submitit", str(st["job_id"]))
+    state = job.watcher.get_state(job.job_id, mode="force").split(" ")[0].upper()
+    return job if state in _ALIVE else None
+
+# %% ../nbs/50_sweep.ipynb #e777748d
+def _await_job(run: Run, d: Path, job, kind: str) -> dict:
+    "Wait for a run's job to end (Ctrl-C: cancel it); the run's status, `failed` if the job died unrecorded."
+    poll = 10.0 if kind == "slurm" else 0.5
+    _JOBS[str(d)] = job
+    try:
+        while not job.done() and not _STOP.is_set():
+            time.sleep(poll)
+        t0 = time.time()
+        while _STOP.is_set() and not job.done() and time.time() - t0 < 30:
+            time.sleep(0.5)
+    finally:
+        _JOBS.pop(str(d), None)
+    st = _read_json(d/"status.json") or {}
+    if _STOP.is_set():
+        st.update(status="interrupted", error="interrupted (Ctrl-C), its job cancelled; run the sweep again to resume")
+    elif st.get("status") in (None, "running"):
+        tail = (d/"log.txt").read_text(errors="replace").splitlines()[-15:] if (d/"log.txt").exists() else []
+        st.update(status="failed", traceback="\n".join(tail) or None,
+                  error=f"{kind} job {job.job_id} ended ({job.state}) before the run finished: killed, cancelled "
+                        f"or out of time (see {d/'submitit'})")
+    _write_json(d/"status.json", st)
+    return st
+
+# %% ../nbs/50_sweep.ipynb #af283c84
+def _submit_run(run: Run, d: Path, notebook, kind, options, device, timeout, sweep_name, smoke, defaults):
+    "Write a run's record, submit its job (files in the run's `submitit/`), record the job id; returns the job."
+    st = _start_record(run, d, notebook, device, sweep_name, smoke, defaults)
+    shutil.rmtree(d/"submitit", ignore_errors=True)
+    folder = (d/"submitit").resolve()
+    ex = _executor(kind, folder, _job_params(kind, options, run, timeout, sweep_name))
+    job = ex.submit(run_job, str(d.resolve()), run, device, timeout, kind)
+    rec = dict(executor=kind, job_id=str(job.job_id), job_folder=str(folder), submitted=_now())
+    now = _read_json(d/"status.json") or st
+    if now.get("status") == "running": _write_json(d/"status.json", {**now, **rec})
+    return job
+
+# %% ../nbs/50_sweep.ipynb #60e32a9d
+def execute_job(run: Run, run_dir: str | Path, notebook: str | Path, executor: str = "submitit-local",
+                options: dict | None = None, device: str | None = None, timeout: float | None = None,
+                sweep_name: str = "", smoke: bool = False, defaults: dict | None = None,
+                verbose: bool = True) -> dict:
+    "Execute one run as a submitit job (waiting for its live job if it has one); writes and returns its status."
+    from tqdm import tqdm   # lazy (see the imports cell)
+    d, say = Path(run_dir), (tqdm.write if verbose else lambda s: None)
+    job = _live_job(d)
+    if job is not None and _read_json(d/"params.json") != json.loads(json.dumps(_run_params(run, device, defaults))):
+        say(f"  cancel   {run.id}: job {job.job_id} runs outdated parameters")
+        job.cancel(check=False)
+        _await_job(run, d, job, executor)
+        job = None
+    if job is None:
+        job = _submit_run(run, d, notebook, executor, options or {}, device, timeout, sweep_name, smoke, defaults)
+        say(f"  submitted {run.id}: {executor} job {job.job_id}")
+    else:
+        say(f"  waiting  {run.id}: its {executor} job {job.job_id} is still running")
+    return _await_job(run, d, job, executor)
+
 # %% ../nbs/50_sweep.ipynb #39a0e700
 def sweep_dir_for(sweep: dict, out_root: str | Path = "runs", smoke: bool = False,
                   demo: bool = False) -> Path:
@@ -668,13 +858,31 @@ def _device_pool(device: str | None, n: int) -> queue.Queue:
         free.put(devices[i % len(devices)])
     return free
 
+# %% ../nbs/50_sweep.ipynb #6d0e9d2d
+def _resolve_executor(sweep: dict, runs: list[Run], executor: str | None, slurm: dict | None) -> tuple:
+    "The executor and options of a sweep: the arguments over its `executor:` block; runs must fit on one node."
+    where = sweep.get("source") or f"sweep {sweep['name']!r}"
+    spec = sweep.get("executor") or dict(kind="local", options={})
+    kind = executor or ("slurm" if slurm and spec["kind"] == "local" else spec["kind"])
+    if kind not in EXECUTORS: raise SweepError(f"executor must be one of {list(EXECUTORS)}, got {kind!r}")
+    if kind == "local" and slurm: raise SweepError(f"Slurm options {slurm!r} given to the local executor")
+    if kind == "local": return kind, {}
+    multi = [r.id for r in runs if str(((r.launcher or {}).get("torchrun") or {}).get("nnodes", 1)) not in ("1", "1:1")]
+    if multi: raise SweepError(f"{where}: runs {multi} ask for several nodes; a {kind} job is one node")
+    return kind, _slurm_options({**spec["options"], **(slurm or {})}, where)
+
 # %% ../nbs/50_sweep.ipynb #7cc60770
-def _work(r: Run, free: queue.Queue, sdir: Path, sweep: dict, smoke: bool, defaults) -> tuple:
+def _work(r: Run, free: queue.Queue, sdir: Path, sweep: dict, smoke: bool, defaults, executor: str = "local",
+          options: dict | None = None, progress: bool = False) -> tuple:
     "Execute one run of a sweep on a free device slot, given back afterwards; returns (run, status)."
     dev = free.get()
     try:
-        return r, execute_run(r, sdir/r.id, sweep["notebook"], dev, sweep["timeout"], sweep["name"], smoke,
-                              defaults)
+        kw = dict(device=dev, timeout=sweep["timeout"], sweep_name=sweep["name"], smoke=smoke, defaults=defaults)
+        live = _live_job(sdir/r.id)
+        if executor == "local" and live is not None:    # a job of an earlier Slurm runner: wait for it
+            return r, _await_job(r, sdir/r.id, live, _read_json(sdir/r.id/"status.json")["executor"])
+        if executor == "local": return r, execute_run(r, sdir/r.id, sweep["notebook"], **kw)
+        return r, execute_job(r, sdir/r.id, sweep["notebook"], executor, options, verbose=progress, **kw)
     finally:
         free.put(dev)
 
@@ -690,7 +898,7 @@ def _report(bar, rows: dict, r: Run, st: dict, progress: bool) -> None:
 
 # %% ../nbs/50_sweep.ipynb #8b8966dc
 def _run_all(todo: list[Run], work, rows: dict, jobs: int, name: str, progress: bool) -> None:
-    "Run `work` on every run of `todo`, `jobs` at a time, into `rows`; Ctrl-C kills the running ones."
+    "Run `work` on every run of `todo`, `jobs` at a time, into `rows`; Ctrl-C kills the running ones (cancels their jobs)."
     from tqdm import tqdm   # lazy (see the imports cell)
     _STOP.clear()
     bar = tqdm(total=len(todo), desc=name, unit="run", disable=not progress or not todo)
@@ -704,30 +912,38 @@ def _run_all(todo: list[Run], work, rows: dict, jobs: int, name: str, progress: 
         _STOP.set()
         for p in list(_LIVE.values()):
             _kill(p, grace=5)
+        for j in list(_JOBS.values()):
+            j.cancel(check=False)
         raise
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
 # %% ../nbs/50_sweep.ipynb #2f9b30fb
-def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: int = 1,
+def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: int | None = None,
               device: str | None = None, smoke: bool = False, only: int | str | list[str] | None = None,
-              force: bool = False, progress: bool = True, demo: bool = False, rehearse: bool = False):
+              force: bool = False, progress: bool = True, demo: bool = False, rehearse: bool = False,
+              executor: str | None = None, slurm: dict | None = None):
     """Run every unfinished run of a sweep with papermill, `jobs` at a time; returns a frame of run statuses.
-    `rehearse`: the sweep's rehearsal (tiny random local models, generated fixtures; see `rehearsal_sweep`)."""
+    `rehearse`: the sweep's rehearsal (tiny random local models, generated fixtures; see `rehearsal_sweep`).
+    `executor`: `local` (default), `slurm` or `submitit-local` (default: the sweep's `executor:`); `slurm`: options."""
     import pandas as pd   # lazy (see the imports cell)
-    sweep, runs, defaults, sdir = _prepare_sweep(config, out_root, jobs, smoke, only, demo, rehearse)
+    sweep, runs, defaults, sdir = _prepare_sweep(config, out_root, 1 if jobs is None else jobs, smoke, only, demo,
+                                                 rehearse)
+    kind, opts = _resolve_executor(sweep, runs, executor, slurm)
     smoke = smoke or rehearse
     todo = [r for r in runs if force or not is_finished(sdir/r.id, r.params)]
     earlier = {r.id: (_read_json(sdir/r.id/"status.json") or {}).get("wall_s")
                for r in runs if r not in todo}
     rows = {rid: dict(status="skipped", wall_s=w, error=None) for rid, w in earlier.items()}
+    jobs = jobs or (max(len(todo), 1) if kind == "slurm" else 1)
     n = min(jobs, max(len(todo), 1))
     work = functools.partial(_work, free=_device_pool(device, n), sdir=sdir, sweep=sweep, smoke=smoke,
-                             defaults=defaults)
+                             defaults=defaults, executor=kind, options=opts, progress=progress)
     if progress:
+        on = "" if kind == "local" else f" as {kind} jobs"
         print(f"sweep {sweep['name']}{' (demo size)' if demo else ''}: {len(runs)} runs -> {sdir}  "
-              f"({len(rows)} finished earlier, {len(todo)} to run, {n} at a time)", flush=True)
+              f"({len(rows)} finished earlier, {len(todo)} to run{on}, {n} at a time)", flush=True)
     _run_all(todo, work, rows, jobs, sweep["name"], progress)
     recs = [{"id": r.id, **rows[r.id], "dir": str(sdir/r.id)} for r in runs if r.id in rows]
     df = pd.DataFrame(recs).set_index("id")
