@@ -290,7 +290,8 @@ def data_fixtures(root: str | Path | None = None, n: int = 24) -> dict[str, Path
 
 # %% ../nbs/08_fixtures.ipynb #07631b85
 REHEARSAL_PATHS = {"coco": "coco", "coco_karpathy": "karpathy_coco", "flickr30k": "flickr30k",
-                   "imagenet": "imagefolder", "cc3m": "cc3m", "cc12m": "cc3m", "captions_csv": "csv"}
+                   "imagenet": "imagefolder", "cc3m": "cc3m", "cc12m": "cc3m", "captions_csv": "csv",
+                   "nocaps": "coco"}   # NoCaps val is COCO-format: the COCO fixture stands in
 
 # %% ../nbs/08_fixtures.ipynb #f5f810ae
 def rehearsal_paths(root: str | Path | None = None, n: int = 24) -> dict[str, str]:
