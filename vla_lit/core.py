@@ -4,16 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #a1543846
 from __future__ import annotations
-import os, sys, json, random, dataclasses, importlib.util
+import os, sys, json, random, atexit, dataclasses, importlib.util
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
 import numpy as np
 import torch
+import torch.distributed as dist
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'embedded_root', 'embedded_path']
+__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'embedded_root', 'embedded_path',
+           'dist_info', 'init_distributed']
 
 # %% ../nbs/00_core.ipynb #2024ba17
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -167,3 +169,36 @@ def embedded_path(package: str, *parts: str) -> Path:
     p = p.joinpath(*parts)
     if not p.exists(): raise FileNotFoundError(f"{p} does not exist in embedded package {package!r}")
     return p
+
+# %% ../nbs/00_core.ipynb #2a8b0375
+def dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) of this process.
+    From torch.distributed if initialised, else torchrun's environment."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), local, dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), local, int(os.environ.get("WORLD_SIZE", 1))
+
+# %% ../nbs/00_core.ipynb #53146ee2
+def _end_process_group():
+    "Destroy the default process group at interpreter exit, if it still exists."
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+# %% ../nbs/00_core.ipynb #597aae05
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """(rank, world size), making the default process group once per process when torchrun started us.
+    Idempotent: a group made earlier (by the user, a `train` call or an extraction) is reused as it is;
+    the group lives until the interpreter exits. Outside torchrun: (0, 1), no group."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+            return 0, 1
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        atexit.register(_end_process_group)
+    return dist.get_rank(), dist.get_world_size()

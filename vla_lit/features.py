@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from .core import cache_dir, default_dtype
+from .core import cache_dir, default_dtype, init_distributed
 from .data import BadInputError, Record, RecordSet, load_image, wds_shards
 
 # %% auto #0
@@ -78,9 +78,8 @@ def feature_key(**parts) -> str:
 
 # %% ../nbs/03_features.ipynb #416c160f
 def _dist() -> tuple[int, int]:
-    "(rank, world size) under an initialised torch.distributed, else (0, 1)."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    "(rank, world size): under torchrun the process group is made on first use (`core.init_distributed`)."
+    return init_distributed()
 
 # %% ../nbs/03_features.ipynb #45d9ecf3
 def _atomic_write(path: Path, write: Callable[[Path], None]):

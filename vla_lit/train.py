@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_train.ipynb #a8041138
 from __future__ import annotations
-import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses, atexit, contextlib
+import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses, contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -18,13 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from tqdm import tqdm
-from .core import RunConfig, get_device, seed_everything
+from .core import RunConfig, get_device, seed_everything, dist_info, init_distributed
 
 # %% auto #0
 __all__ = ['cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules', 'count_parameters', 'trainable_state_dict',
            'load_trainable_state_dict', 'frozen_snapshot', 'check_frozen', 'NonFiniteLossError', 'TrainResult',
-           'dist_info', 'init_distributed', 'to_device', 'sync_batchnorm', 'restore_batchnorm', 'TrainOptions',
-           'Trainer', 'train']
+           'to_device', 'sync_batchnorm', 'restore_batchnorm', 'TrainOptions', 'Trainer', 'train']
 
 # %% ../nbs/04_train.ipynb #3e54dd02
 def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -293,39 +292,6 @@ def _splice(cache: list, j: int, live):
     if isinstance(live, Mapping):
         return {k: torch.cat([p[k] for p in parts]) for k in live}
     return torch.cat(parts)
-
-# %% ../nbs/04_train.ipynb #2a8b0375
-def dist_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) of this process.
-    From torch.distributed if initialised, else torchrun's environment."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), local, dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), local, int(os.environ.get("WORLD_SIZE", 1))
-
-# %% ../nbs/04_train.ipynb #53146ee2
-def _end_process_group():
-    "Destroy the default process group at interpreter exit, if it still exists."
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-# %% ../nbs/04_train.ipynb #597aae05
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    """(rank, world size), making the default process group once per process when torchrun started us.
-    Idempotent: a group made earlier (by the user, a `train` call or an extraction) is reused as it is;
-    the group lives until the interpreter exits. Outside torchrun: (0, 1), no group."""
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-            return 0, 1
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        atexit.register(_end_process_group)
-    return dist.get_rank(), dist.get_world_size()
 
 # %% ../nbs/04_train.ipynb #9d363537
 def to_device(batch, device: torch.device):
