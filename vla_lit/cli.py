@@ -78,13 +78,19 @@ _SLURM_FLAGS = {"partition": str, "time": str, "gpus_per_node": int, "cpus_per_t
 
 def _executor_opts(p: argparse.ArgumentParser) -> None:
     "The options of `sweep` that say where its runs execute: locally, or one Slurm job per run."
-    g = p.add_argument_group("executor", "where the runs execute (default: the sweep's `executor:`, else local)")
+    g = p.add_argument_group("executor",
+                             "where the runs execute (default: the sweep's `executor:`, else local)")
     g.add_argument("--executor", choices=EXECUTORS, default=None, help="local, slurm, or submitit-local")
     g.add_argument("--slurm", action="store_true", help="one Slurm job per run (= --executor slurm)")
     for k, typ in _SLURM_FLAGS.items():
         g.add_argument("--" + k.replace("_", "-"), dest=k, type=typ, default=None, help=f"Slurm {k}")
-    g.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option submitit knows (YAML value), e.g. setup='[module load cuda]'")
+    g.add_argument(
+        "--slurm-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option submitit knows (YAML value), e.g. setup='[module load cuda]'",
+    )
 
 # %% ../nbs/52_cli.ipynb #c39481a6
 def _slurm_args(a: argparse.Namespace) -> tuple:
@@ -112,8 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None,
                    help="run ids (globs) to run, or a number: the first N")
     p.add_argument("--no-collect", action="store_true", help="do not write the table and plots afterwards")
-    p.add_argument("--rehearse", action="store_true",
-                   help="run the sweep's rehearsal: tiny random local models, generated data (into <name>-rehearsal/)")
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run the sweep's rehearsal: tiny random local models, generated data (into <name>-rehearsal/)",
+    )
     p = sub.add_parser("collect", help="write results.csv/.md, runs.csv and plots/ of a sweep folder")
     p.add_argument("sweep_dir")
     p = sub.add_parser("demo", help="run and collect every sweeps/*_embedded.yaml")
@@ -122,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="which sweeps/ files (glob; default *_embedded.yaml)")
     p.add_argument("--full", action="store_true", help="run the whole embedded studies, not their demo size")
     p = sub.add_parser("score", help="score finished runs (their head.pt) on data specs, without retraining")
-    p.add_argument("runs", nargs="+", help="run folders, or sweep folders (every run in them with a head.pt)")
-    p.add_argument("--data", nargs="+", required=True, help="evaluation sets as data specs (see nbs/02_data)")
+    p.add_argument("runs", nargs="+",
+                   help="run folders, or sweep folders (every run in them with a head.pt)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="evaluation sets as data specs (see nbs/02_data)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0")
     return ap
 
@@ -158,7 +169,8 @@ def _score_dirs(paths: list[str]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         found = [p] if (p/"head.pt").is_file() else sorted(h.parent for h in p.glob("*/head.pt"))
-        if not found: raise FileNotFoundError(f"{p}: no head.pt here or in its sub-folders (not a finished run?)")
+        if not found:
+            raise FileNotFoundError(f"{p}: no head.pt here or in its sub-folders (not a finished run?)")
         out += found
     return out
 
@@ -167,13 +179,15 @@ def _cmd_score(a: argparse.Namespace) -> int:
     "`vla_lit score`: score every run on every data spec; the scores go to each run's scores.json."
     for d in _score_dirs(a.runs):
         got = score_run(d, a.data, device=a.device, verbose=False)
-        shown = {k: round(v, 4) for k, v in got.items() if not k.split("_", 1)[-1].startswith(("chance", "n"))}
+        shown = {k: round(v, 4) for k,
+                 v in got.items() if not k.split("_", 1)[-1].startswith(("chance", "n"))}
         print(f"{d}: {shown}")
     return 0
 
 # %% ../nbs/52_cli.ipynb #6e3aa944
 def main(argv: list[str] | None = None) -> int:
-    "The `vla_lit` command: `sweep`, `collect`, `demo`, `score` (and `_run_notebook`, used by the runner itself)."
+    """The `vla_lit` command: `sweep`, `collect`, `demo`, `score` (and `_run_notebook`, used by the runner
+    itself)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_run_notebook"]: sys.exit(run_notebook_child(argv[1]))
     a = _parser().parse_args(argv)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/02_data.ipynb #0fb0bb63
 from __future__ import annotations
-import csv, dataclasses, difflib, fnmatch, gzip, hashlib, io, json, os, re, struct, tarfile, urllib.parse, warnings, zlib
+import csv, dataclasses, difflib, fnmatch, gzip, hashlib, io, json, os, re, struct, tarfile, urllib.parse, \
+    warnings, zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +34,8 @@ class BadInputError(ValueError):
 # %% ../nbs/02_data.ipynb #78045aa9
 @dataclass
 class Record:
-    "One item: an image path (or `archive::member`), its captions, an optional class label, group and `meta`."
+    """One item: an image path (or `archive::member`), its captions, an optional class label, group and
+    `meta`."""
     id: str
     image: str | Path
     captions: list[str] = field(default_factory=list)
@@ -822,7 +824,8 @@ def _credit_for(files: dict[str, bytes], member: str) -> dict:
             for b in blocks:
                 if any(f in (rel, os.path.basename(rel)) or fnmatch.fnmatch(rel, f) for f in b["files"]):
                     return {k: v for k, v in b.items() if k != "files"}
-            # two READMEs misspell a file name (screDriver.webp, audaPalatina.webp): take a near-identical one
+            # two READMEs misspell a file name (screDriver.webp, audaPalatina.webp): take a near-identical
+            # one
             named = {f: b for b in blocks for f in b["files"]}
             close = difflib.get_close_matches(rel, list(named), n=1, cutoff=0.9)
             if close:
@@ -1081,7 +1084,8 @@ DATA_FORMATS = {
         True,
         doc="Fashion-MNIST (Debian dataset-fashion-mnist)",
     ),
-    "imagenet-photos": DataFormat("none", {}, {}, "classification", True, doc="20 ImageNet photos (foolbox)"),
+    "imagenet-photos": DataFormat("none", {}, {}, "classification", True,
+                                  doc="20 ImageNet photos (foolbox)"),
     "gcompris-photos": DataFormat("none", {}, {}, "classification", True, doc="GCompris photos by class"),
     "gcompris-captions": DataFormat("none", {}, {}, "retrieval", True, doc="captioned GCompris photos"),
     "coco": DataFormat(
@@ -1224,7 +1228,8 @@ def _checked_options(spec, fmt: str, raw_opts: list) -> dict:
     for key, value, raw in raw_opts:
         if key not in checkers:
             raise _spec_error(
-                spec, f"unknown option {key!r} for format {fmt!r}; its options: {', '.join(sorted(checkers))}"
+                spec,
+                f"unknown option {key!r} for format {fmt!r}; its options: {', '.join(sorted(checkers))}",
             )
         if key in opts:
             raise _spec_error(spec, f"option {key!r} given twice")
@@ -1236,7 +1241,8 @@ def _checked_options(spec, fmt: str, raw_opts: list) -> dict:
 
 # %% ../nbs/02_data.ipynb #ds29
 def parse_data_spec(spec: str | dict | DataSpec) -> DataSpec:
-    "Parse a data spec string or dict (see above) into a `DataSpec`; `BadInputError` naming it on bad syntax."
+    """Parse a data spec string or dict (see above) into a `DataSpec`; `BadInputError` naming it on bad
+    syntax."""
     if isinstance(spec, DataSpec):
         return spec
     fmt, path, raw_opts = _spec_parts(spec)
@@ -1254,7 +1260,8 @@ def parse_data_spec(spec: str | dict | DataSpec) -> DataSpec:
     if missing:
         raise _spec_error(spec, f"format {fmt!r} needs option {missing[0]}= (e.g. {missing[0]}=/data/img)")
     if opts.get("task") == "classification" and not f.labelled:
-        raise _spec_error(spec, f"task=classification needs class labels, which format {fmt!r} does not have")
+        raise _spec_error(spec,
+                          f"task=classification needs class labels, which format {fmt!r} does not have")
     name = opts.get("name") or _default_name(fmt, path, opts)
     return DataSpec(fmt, path, tuple(sorted(opts.items())), name)
 

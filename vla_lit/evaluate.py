@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Sequence
 import torch
 import torch.nn.functional as F
-from .data import BadInputError, DataSpec, RecordSet, data_specs, check_data_spec, resolve_data, prompt_templates
-from .metrics import topk_accuracy, zero_shot_classifier as ensemble_classifier, recall_at_k_from_scores
+from .data import (BadInputError, DataSpec, RecordSet, data_specs, check_data_spec, resolve_data,
+                          prompt_templates)
+from .metrics import (topk_accuracy, zero_shot_classifier as ensemble_classifier,
+                             recall_at_k_from_scores)
 from .metrics import captioning_scores
 
 # %% auto #0
@@ -57,27 +59,35 @@ class EvalSet:
 
     def __repr__(self):
         n_cls = len(self.classes) if self.classes is not None else len(self.records.classnames or [])
-        extra = f", {n_cls} classes, {len(self.templates)} templates" if self.task == "classification" else ""
+        extra = (
+            f", {n_cls} classes, {len(self.templates)} templates" if self.task == "classification" else ""
+        )
         return f"EvalSet({self.name!r}: {self.task}, {len(self.records)} records{extra})"
 
 # %% ../nbs/07_evaluate.ipynb #74dd0ba0
 def _templates_of(spec: DataSpec, rs: RecordSet) -> list[str]:
-    "Option `templates` (a clip_benchmark dataset), else the set's own, else CLIP's default; first `ntemplates`."
+    """Option `templates` (a clip_benchmark dataset), else the set's own, else CLIP's default; first
+    `ntemplates`."""
     name = spec.opt("templates")
     ts = prompt_templates(str(name), default=()) if name else list(rs.templates or DEFAULT_TEMPLATES)
     if name and not ts: raise BadInputError(f"{spec}: clip_benchmark has no templates for {name!r}")
     n = spec.opt("ntemplates")
     ts = list(ts)[:int(n)] if n else list(ts)
     bad = [t for t in ts if "{c}" not in t]
-    if bad: raise BadInputError(f"{spec}: prompt template(s) without '{{c}}' would give every class the same prompt: {bad}")
+    if bad:
+        raise BadInputError(
+            f"{spec}: prompt template(s) without '{{c}}' would give every class the same prompt: {bad}"
+        )
     return ts
 
 # %% ../nbs/07_evaluate.ipynb #195da8b7
 def _classes_of(spec: DataSpec, rs: RecordSet) -> list[int] | None:
     "Candidate classes of a classification set from option `classes` (all | present | N)."
-    if not rs.classnames: raise BadInputError(f"{spec}: a classification set needs class names; this one has none")
+    if not rs.classnames:
+        raise BadInputError(f"{spec}: a classification set needs class names; this one has none")
     missing = [r.id for r in rs if r.label is None]
-    if missing: raise BadInputError(f"{spec}: {len(missing)} record(s) have no class label, e.g. {missing[:3]}")
+    if missing:
+        raise BadInputError(f"{spec}: {len(missing)} record(s) have no class label, e.g. {missing[:3]}")
     want = spec.opt("classes", "all")
     present = sorted({r.label for r in rs})
     if want == "all": return None
@@ -93,47 +103,58 @@ def eval_set(spec: str | dict | DataSpec, strict: bool = False) -> EvalSet:
     if not len(rs): raise BadInputError(f"{spec}: the set is empty")
     task = _task_of(spec)
     if task == "retrieval":
-        if not any(r.captions for r in rs): raise BadInputError(f"{spec}: a retrieval set needs captions; none found")
+        if not any(r.captions for r in rs):
+            raise BadInputError(f"{spec}: a retrieval set needs captions; none found")
         return EvalSet(spec, rs, task)
     return EvalSet(spec, rs, task, _classes_of(spec, rs), _templates_of(spec, rs))
 
 # %% ../nbs/07_evaluate.ipynb #240c01cc
 def eval_sets(specs, strict: bool = False) -> list[EvalSet]:
-    """Resolve a list of data specs (or one string of specs joined by ';'). Every spec is checked before any is
+    """Resolve a list of data specs (or one string of specs joined by ';'). Every spec is checked before any
+    is
     read, and before any model loads, so a typo in the fifth set fails in a second, not after an hour."""
     specs = [check_data_spec(s) for s in data_specs(specs)]         # data_specs refuses two sets of one name
     return [eval_set(s, strict=strict) for s in specs]
 
 # %% ../nbs/07_evaluate.ipynb #14165f12
 def zero_shot_classifier(embedder, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    "Class vectors [C, D] of `classnames` under `templates` (CLIP's prompt ensemble, or the embedder's own rule)."
+    """Class vectors [C, D] of `classnames` under `templates` (CLIP's prompt ensemble, or the embedder's own
+    rule)."""
     if not len(classnames): raise ValueError("zero_shot_classifier: no class names")
     if not len(templates): raise ValueError("zero_shot_classifier: no templates")
     if hasattr(embedder, "classifier"): return embedder.classifier(list(classnames), list(templates))
     prompts = [t.format(c=c) for c in classnames for t in templates]
     z = embedder.embed_texts(prompts)
     if z.shape[0] != len(prompts):
-        raise ValueError(f"zero_shot_classifier: embed_texts gave {z.shape[0]} rows for {len(prompts)} prompts")
+        raise ValueError(
+            f"zero_shot_classifier: embed_texts gave {z.shape[0]} rows for {len(prompts)} prompts"
+        )
     return ensemble_classifier(z.view(len(classnames), len(templates), -1))
 
 # %% ../nbs/07_evaluate.ipynb #8a13e37b
 def mean_per_class_recall(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    "Balanced accuracy: the mean over the classes that occur in `labels` of the fraction of their rows ranked first."
+    """Balanced accuracy: the mean over the classes that occur in `labels` of the fraction of their rows
+    ranked first."""
     labels = torch.as_tensor(labels).long()
     own = scores.gather(1, labels[:, None].to(scores.device))
     hit = ((scores >= own).sum(1) == 1).double().cpu()
     return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
 
 # %% ../nbs/07_evaluate.ipynb #f385d784
-def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: Sequence[int] | None = None) -> dict:
-    """top1, top5 (more than five classes only), mean_recall and their chance levels, among `classes` (None: all
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor,
+                           classes: Sequence[int] | None = None) -> dict:
+    """top1, top5 (more than five classes only), mean_recall and their chance levels, among `classes` (None:
+    all
     columns). Labels index the full class list; every label must be among `classes`. Ties count against."""
     labels = torch.as_tensor(labels).long()
     if classes is not None:
         classes = list(classes)
         pos = {c: i for i, c in enumerate(classes)}
         outside = sorted({int(y) for y in labels} - set(pos))
-        if outside: raise ValueError(f"classification_metrics: labels {outside[:5]} are not among the candidate classes")
+        if outside:
+            raise ValueError(
+                f"classification_metrics: labels {outside[:5]} are not among the candidate classes"
+            )
         scores, labels = scores[:, classes], torch.tensor([pos[int(y)] for y in labels])
     C = scores.shape[1]
     ks = (1, 5) if C > 5 else (1,)
@@ -158,7 +179,8 @@ def _labelled_rows(es: EvalSet, ids: Sequence[str]) -> torch.Tensor:
 
 # %% ../nbs/07_evaluate.ipynb #f9d357c2
 def evaluate_classification(embedder, es: EvalSet) -> dict:
-    "Zero-shot classification of `es`'s images among its candidate classes: `classification_metrics` + skipped."
+    """Zero-shot classification of `es`'s images among its candidate classes: `classification_metrics` +
+    skipped."""
     images, ids = embedder.embed_images(es.records)
     if not len(ids): raise BadInputError(f"{es.spec}: no image of the set could be embedded")
     labels = _labelled_rows(es, ids)
@@ -166,7 +188,8 @@ def evaluate_classification(embedder, es: EvalSet) -> dict:
     if es.classes is not None:
         W = zero_shot_classifier(embedder, [names[c] for c in es.classes], es.templates)
         pos = {c: i for i, c in enumerate(es.classes)}
-        out = classification_metrics(_similarity(embedder, images, W), torch.tensor([pos[int(y)] for y in labels]))
+        out = classification_metrics(_similarity(embedder, images, W),
+                                     torch.tensor([pos[int(y)] for y in labels]))
     else:
         W = zero_shot_classifier(embedder, names, es.templates)
         out = classification_metrics(_similarity(embedder, images, W), labels)
@@ -176,11 +199,14 @@ def evaluate_classification(embedder, es: EvalSet) -> dict:
 def _chance_found(M: int, c: int, k: int) -> float:
     "P(at least one of c own items among the first k of M in random order)."
     if k >= M - c + 1: return 1.0
-    return 1.0 - math.exp(math.lgamma(M - c + 1) - math.lgamma(M - c - k + 1) - math.lgamma(M + 1) + math.lgamma(M - k + 1))
+    return 1.0 - math.exp(
+        math.lgamma(M - c + 1) - math.lgamma(M - c - k + 1) - math.lgamma(M + 1) + math.lgamma(M - k + 1)
+    )
 
 # %% ../nbs/07_evaluate.ipynb #a652a723
 def retrieval_chance(n_captions: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Chance recall both ways for a gallery whose images have `n_captions[i]` captions each (image queries: the
+    """Chance recall both ways for a gallery whose images have `n_captions[i]` captions each (image queries:
+    the
     images with a caption; the image gallery: all of them)."""
     M, N = sum(n_captions), len(n_captions)
     queries = [c for c in n_captions if c]
@@ -200,24 +226,32 @@ def evaluate_retrieval(embedder, es: EvalSet, ks: Sequence[int] = (1, 5, 10)) ->
     r = recall_at_k_from_scores(_similarity(embedder, images, texts), t2i, ks=ks)
     out = {k.replace("_R@", "_r"): v for k, v in r.items() if k != "rsum"}
     out |= retrieval_chance([len(by_id[rid].captions) for rid in ids], ks)
-    return out | {"n_images": float(len(ids)), "n_texts": float(len(caps)), "n_skipped": float(len(es.records) - len(ids))}
+    return out | {"n_images": float(len(ids)), "n_texts": float(len(caps)),
+                  "n_skipped": float(len(es.records) - len(ids))}
 
 # %% ../nbs/07_evaluate.ipynb #36ca2610
 def evaluate_captioning(generate, es: EvalSet, metrics: Sequence[str] = ("CIDEr", "BLEU-4"),
                         limit: int | None = None) -> dict:
-    "Caption the first `limit` captioned images of `es` with `generate(records) -> {id: caption}`; scores by name."
+    """Caption the first `limit` captioned images of `es` with `generate(records) -> {id: caption}`; scores
+    by name."""
     recs = [r for r in es.records if r.captions][:limit]
     if not recs: raise BadInputError(f"{es.spec}: no captioned image to score captions on")
     preds = generate(recs)
     missing = [r.id for r in recs if r.id not in preds]
-    if missing: raise ValueError(f"{es.name}: generate returned no caption for {len(missing)} image(s), e.g. {missing[:3]}")
-    scores = captioning_scores({r.id: preds[r.id] for r in recs}, {r.id: r.captions for r in recs}, metrics=metrics)
+    if missing:
+        raise ValueError(
+            f"{es.name}: generate returned no caption for {len(missing)} image(s), e.g. {missing[:3]}"
+        )
+    scores = captioning_scores({r.id: preds[r.id] for r in recs}, {r.id: r.captions for r in recs},
+                               metrics=metrics)
     return {k.replace("-", "").lower(): v for k, v in scores.items()} | {"n_captioned": float(len(recs))}
 
 # %% ../nbs/07_evaluate.ipynb #43269f4c
 def evaluate_set(embedder, es: EvalSet) -> dict:
-    "The metrics of one set by its task (keys without the set's prefix), plus the embedder's `extra_metrics`."
-    out = evaluate_classification(embedder, es) if es.task == "classification" else evaluate_retrieval(embedder, es)
+    """The metrics of one set by its task (keys without the set's prefix), plus the embedder's
+    `extra_metrics`."""
+    out = evaluate_classification(embedder,
+                                  es) if es.task == "classification" else evaluate_retrieval(embedder, es)
     if hasattr(embedder, "extra_metrics"): out |= embedder.extra_metrics(es)
     return out
 
@@ -246,7 +280,7 @@ def save_head(out_dir: str | Path, mechanism: str, state: dict, params: dict) ->
     head = {"format": 1, "mechanism": mechanism, "state": state, "params": dict(params)}
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".head-", suffix=".pt")
     os.close(fd)
-    os.chmod(tmp, 0o644)                                    # mkstemp makes it private; a head is a result to share
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a head is a result to share
     torch.save(head, tmp)
     os.replace(tmp, out/HEAD_FILE)
     return out/HEAD_FILE
@@ -255,7 +289,8 @@ def save_head(out_dir: str | Path, mechanism: str, state: dict, params: dict) ->
 def load_head(run_dir: str | Path) -> dict:
     "The head a run saved, or a clear error naming the file."
     f = Path(run_dir)/HEAD_FILE
-    if not f.is_file(): raise FileNotFoundError(f"{run_dir}: no {HEAD_FILE} (was the run made before heads were saved?)")
+    if not f.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {HEAD_FILE} (was the run made before heads were saved?)")
     try: head = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e: raise BadInputError(f"{f}: unreadable head ({type(e).__name__}: {e})") from e
     if not isinstance(head, dict) or head.get("format") != 1 or "mechanism" not in head:
@@ -272,13 +307,15 @@ def _write_json(path: Path, obj) -> None:
 
 # %% ../nbs/07_evaluate.ipynb #804a6727
 def score_run(run_dir: str | Path, specs, device: str | None = None, verbose: bool = True) -> dict:
-    "Score a finished run's saved head on data specs; merged into `run_dir/scores.json` by set; returns the new metrics."
+    """Score a finished run's saved head on data specs; merged into `run_dir/scores.json` by set; returns the
+    new metrics."""
     run_dir = Path(run_dir)
     sets = eval_sets(specs)
     head = load_head(run_dir)
     name = head["mechanism"]
     module = importlib.import_module(name if "." in name else f"vla_lit.{name}")
-    if not hasattr(module, "embedder_from_head"): raise TypeError(f"{module.__name__} has no embedder_from_head")
+    if not hasattr(module, "embedder_from_head"):
+        raise TypeError(f"{module.__name__} has no embedder_from_head")
     embedder = module.embedder_from_head(head, device=device)
     new = {es.name: evaluate_set(embedder, es) | {"spec": str(es.spec)} for es in sets}
     f = run_dir/SCORES_FILE

@@ -613,13 +613,14 @@ WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first o
 
 # %% ../nbs/03_features.ipynb #3090bac3
 def _as_wds_source(x) -> WebDatasetSource | None:
-    "`x` as a WebDatasetSource if it is one or a data spec of format `wds`; None for anything else (records)."
+    """`x` as a WebDatasetSource if it is one or a data spec of format `wds`; None for anything else
+    (records)."""
     if isinstance(x, WebDatasetSource): return x
     if getattr(x, "format", None) != "wds": return None
     for opt in ("limit", "invert"):
         if x.opt(opt) not in (None, False):                 # a DataSpec gives its format defaults
             raise ValueError(f"{x}: option {opt!r} is not supported when streaming shards")
-    return WebDatasetSource([str(p) for p in wds_shards(x.path)])   # braces and globs; ids as read_webdataset
+    return WebDatasetSource([str(p) for p in wds_shards(x.path)])  # braces and globs; ids as read_webdataset
 
 # %% ../nbs/03_features.ipynb #8784a1aa
 def _decode_raster(data: bytes) -> Image.Image:
@@ -825,8 +826,8 @@ def extract_features(encoder, records: RecordSet | Sequence[Record] | WebDataset
     produce = (lambda todo: _vision_shards(run, todo)) if src is None else (
         lambda todo: _wds_shards(run, src, urls, todo))
     with _encoder_image_size(encoder, image_size), _encoder_device(encoder, device) as run.move:
-        return _extract("vision", feature_key(**parts), parts, n, size, produce, pre_skipped, root, recompute,
-                        verify)
+        return _extract("vision", feature_key(**parts), parts, n, size, produce, pre_skipped, root,
+                        recompute, verify)
 
 # %% ../nbs/03_features.ipynb #7eaf9560
 def caption_key(record_id: str, j: int = 0) -> str:

@@ -46,7 +46,8 @@ def _clear_stale(dest: Path, max_age_s: float = 3600.):
 
 # %% ../nbs/08_fixtures.ipynb #0a7aa674
 def _swap_in(tmp: Path, dest: Path, meta: dict):
-    "Rename finished `tmp` onto `dest`; a stale `dest` is moved aside first, a concurrent finished copy kept."
+    """Rename finished `tmp` onto `dest`; a stale `dest` is moved aside first, a concurrent finished copy
+    kept."""
     if _read_meta(dest) == meta: return
     old = dest.with_name(f".{dest.name}-old-{uuid.uuid4().hex[:8]}")
     if dest.exists(): os.replace(dest, old)
@@ -58,7 +59,8 @@ def _swap_in(tmp: Path, dest: Path, meta: dict):
 
 # %% ../nbs/08_fixtures.ipynb #4c8362a4
 def build_once(dest: str | Path, meta: dict, build: Callable[[Path], None]) -> Path:
-    "Folder `dest`, written by `build(tmp)` in a temp folder renamed into place; reused while `meta` matches."
+    """Folder `dest`, written by `build(tmp)` in a temp folder renamed into place; reused while `meta`
+    matches."""
     dest = Path(dest)
     meta = {"version": FIXTURE_VERSION, **meta, "random": True, "note": RANDOM_NOTE}
     if _read_meta(dest) == meta: return dest
@@ -91,8 +93,8 @@ def _decoder_folder(out: Path):
     tok = _smollm2_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     _seeded(lambda: LlamaForCausalLM(cfg)).save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -112,8 +114,8 @@ def _sd_folder(out: Path):
     d = _seeded(lambda: tiny_random_sd(seed=0))
     d.tokenizer.model_max_length = 77
     sch = DDPMScheduler.from_config(d.scheduler.config, steps_offset=1, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=d.vae, text_encoder=d.text_encoder, tokenizer=d.tokenizer, unet=d.unet,
-                                   scheduler=sch, safety_checker=None, feature_extractor=None,
+    pipe = StableDiffusionPipeline(vae=d.vae, text_encoder=d.text_encoder, tokenizer=d.tokenizer,
+                                   unet=d.unet, scheduler=sch, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
 
@@ -203,7 +205,8 @@ def _karpathy_entry(i: int, imgid: int, split: str, caps: list[str], filename: s
 
 # %% ../nbs/08_fixtures.ipynb #b05dc7ec
 def _write_karpathy(out: Path, n: int, dataset: str, splits: tuple, image_dir: str, name_of: Callable):
-    "Karpathy split file `dataset_<dataset>.json` + images; `name_of(i, split)` -> (filepath|None, filename)."
+    """Karpathy split file `dataset_<dataset>.json` + images; `name_of(i, split)` -> (filepath|None,
+    filename)."""
     entries = []
     for s, split in enumerate(splits):
         for i in range(s * n, (s + 1) * n):

@@ -61,7 +61,8 @@ class _ScaleGrad(torch.autograd.Function):
 
 # %% ../nbs/05_losses.ipynb #c54b68e5
 def _gathers(gather: bool | None) -> bool:
-    "Gather across ranks? Never without a group of > 1 ranks; `gather` if given, else while autograd records."
+    """Gather across ranks? Never without a group of > 1 ranks; `gather` if given, else while autograd
+    records."""
     if _world() == 1:
         return False
     return torch.is_grad_enabled() if gather is None else bool(gather)
@@ -69,7 +70,8 @@ def _gathers(gather: bool | None) -> bool:
 # %% ../nbs/05_losses.ipynb #fdfe72c0
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float,
               gather: bool | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE of paired rows `img[i]`, `txt[i]` (both [B,E]); `logit_scale` is the multiplier 1/tau.
+    """Symmetric InfoNCE of paired rows `img[i]`, `txt[i]` (both [B,E]); `logit_scale` is the multiplier
+    1/tau.
     Under a process group of > 1 ranks it is the loss of all ranks' pairs together, with gradients that DDP's
     average turns into the one-process gradient (`gather`: None = while autograd records, or True/False)."""
     if img.ndim != 2 or txt.ndim != 2:

@@ -136,8 +136,10 @@ def _raw_features(self: ShareLock, batch: dict) -> tuple[torch.Tensor, torch.Ten
         with torch.no_grad():
             t = bb["text"].hidden(list(batch["texts"]), layer=bb["layer"], pooling=bb["pooling"])
     else:
-        raise KeyError(f"ShareLock: batch needs {self.text_key!r} features (or 'texts' with a language model "
-                       f"attached); got keys {sorted(batch)}")
+        raise KeyError(
+            f"ShareLock: batch needs {self.text_key!r} features (or 'texts' with a language model "
+            f"attached); got keys {sorted(batch)}"
+        )
     return v, t
 
 # %% ../nbs/10_sharelock.ipynb #50225dba
@@ -386,7 +388,7 @@ def embedder_from_head(head: dict, device=None) -> ShareLockEmbedder:
     enc, lm = load_vision(p["vision_model"], device=dev), load_lm(p["lm_name"], device=dev)
     if p.get("random_lm_seed") is not None:
         lm = random_weight_lm(lm, seed=int(p["random_lm_seed"]))
-    with torch.random.fork_rng(devices=[]):      # the fresh init is overwritten: leave the caller's RNG alone
+    with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten: leave the caller's RNG alone
         model = ShareLock(enc.dim, lm.dim, direction=p.get("direction", "text_to_vision"),
                           hidden_dim=int(p.get("hidden_dim", 4096)), num_layers=int(p.get("num_layers", 4)),
                           dropout=float(p.get("dropout", 0.2)),

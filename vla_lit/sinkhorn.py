@@ -54,9 +54,11 @@ class SinkhornResult:
 
 # %% ../nbs/20_sinkhorn.ipynb #54a071e1
 def _marginal(m, n: int, lead, like: Tensor, name: str, total: int | None = None) -> Tensor:
-    "Uniform 1/n (1/`total` if given) if `m` is None, else `m` checked (finite, > 0), broadcast to lead + [n]."
+    """Uniform 1/n (1/`total` if given) if `m` is None, else `m` checked (finite, > 0), broadcast to lead +
+    [n]."""
     if m is None:
-        return torch.full((*lead, n), 1.0 / (n if total is None else total), dtype=like.dtype, device=like.device)
+        return torch.full((*lead, n), 1.0 / (n if total is None else total), dtype=like.dtype,
+                          device=like.device)
     m = torch.as_tensor(m, dtype=like.dtype, device=like.device)
     if m.shape[-1] != n:
         raise ValueError(f"sinkhorn: marginal {name} has {m.shape[-1]} entries, the problem has {n}")
@@ -67,7 +69,8 @@ def _marginal(m, n: int, lead, like: Tensor, name: str, total: int | None = None
 # %% ../nbs/20_sinkhorn.ipynb #76cee41f
 def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, name: str,
                    finite: bool = True) -> Tensor:
-    "The checks every Sinkhorn entry point makes (NaN/inf only if `finite`); `x` as float (float32 for ints/half)."
+    """The checks every Sinkhorn entry point makes (NaN/inf only if `finite`); `x` as float (float32 for
+    ints/half)."""
     what = "cost" if is_cost else "score"
     if normalize not in ("plan", "rows", "cols"):
         raise ValueError(f"{name}: normalize must be 'plan', 'rows' or 'cols', got {normalize!r}")
@@ -145,6 +148,7 @@ def col_sums(self: _Scaling) -> Tensor:
     "K^T u [..., K]: one pass over the kernel."
     return torch.matmul(self.u.unsqueeze(-2), self.Km).squeeze(-2)
 
+# %% ../nbs/20_sinkhorn.ipynb #403e39be
 @patch
 def col_error(self: _Scaling, KTu: Tensor | None = None) -> float:
     "L1 error of the column marginal, max over the batch (`KTu`: K^T u if already computed)."
@@ -223,7 +227,8 @@ class _DistScaling(_Scaling):
         self.L = _accuracy_bound(x.dtype, n_rows, x.shape[-1])          # the bound of the whole problem
 
     def peak(self, x: Tensor, s: float) -> Tensor:
-        "The shift of the whole problem (an all-reduce max), with the NaN/inf check made on every rank at once."
+        """The shift of the whole problem (an all-reduce max), with the NaN/inf check made on every rank at
+        once."""
         t = torch.stack([x.amax((-2, -1)), -x.amin((-2, -1))])
         t = _reduced(torch.where(torch.isfinite(t), t, torch.inf), "max")
         if not torch.isfinite(t).all():
@@ -237,6 +242,7 @@ def col_sums(self: _DistScaling) -> Tensor:
     "K^T u over every rank's rows."
     return _reduced(_Scaling.col_sums(self))
 
+# %% ../nbs/20_sinkhorn.ipynb #9e64b2f4
 @patch
 def col_lse(self: _DistScaling) -> Tensor:
     "The column log-sum-exp over every rank's rows: the maxima all-reduced, then the shifted sums."
@@ -244,6 +250,7 @@ def col_lse(self: _DistScaling) -> Tensor:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return m + _reduced((self.Km - m.unsqueeze(-2)).exp().sum(-2)).log()
 
+# %% ../nbs/20_sinkhorn.ipynb #a565ef56
 @patch
 def agree(self: _DistScaling, ok: bool) -> bool:
     "True on every rank only if it is true on every rank."

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 import vla_lit
 from . import __version__
-# nbformat, papermill, pandas, tqdm and submitit are imported inside the functions that use them: importing this
+# nbformat, papermill, pandas, tqdm and submitit are imported inside the functions that use them: importing
+# this
 # module (the `vla_lit` command, every run's own process) stays fast, and only the runner pays for them.
 
 # %% auto #0
@@ -73,8 +74,10 @@ def _norm_launcher(l, where) -> dict | None:
     if not (isinstance(n, int) and n >= 1) and n not in ("gpu", "cpu", "auto"):
         raise SweepError(f"{where}: launcher.torchrun.nproc_per_node must be a positive int, got {n!r}")
     if str(tr.get("nnodes", 1)) not in ("1", "1:1") and not ({"rdzv_endpoint", "master_addr"} & set(tr)):
-        raise SweepError(f"{where}: launcher.torchrun.nnodes={tr['nnodes']!r} needs a rendezvous: rdzv_endpoint "
-                         f"(host:port of one node) with rdzv_backend: c10d, or master_addr/master_port and node_rank")
+        raise SweepError(
+            f"{where}: launcher.torchrun.nnodes={tr['nnodes']!r} needs a rendezvous: rdzv_endpoint "
+            f"(host:port of one node) with rdzv_backend: c10d, or master_addr/master_port and node_rank"
+        )
     return {"torchrun": dict(tr)}
 
 # %% ../nbs/50_sweep.ipynb #721839ce
@@ -207,7 +210,8 @@ def _slurm_minutes(t, where) -> int:
 
 # %% ../nbs/50_sweep.ipynb #2e1a672f
 def _slurm_options(opts: dict, where) -> dict:
-    "Check Slurm options against the sbatch parameters submitit knows; `time` in minutes, a bare `mem` in GB."
+    """Check Slurm options against the sbatch parameters submitit knows; `time` in minutes, a bare `mem` in
+    GB."""
     import submitit   # lazy: only a sweep that names an executor pays for importing it
     valid = submitit.SlurmExecutor._valid_parameters()
     bad = sorted(set(opts) - valid)
@@ -218,13 +222,16 @@ def _slurm_options(opts: dict, where) -> dict:
     if isinstance(mem, (int, float)) and not isinstance(mem, bool): out["mem"] = f"{mem:g}G"
     for k in ("nodes", "ntasks_per_node"):
         if out.get(k, 1) != 1:
-            raise SweepError(f"{where}: executor {k} must be 1: a run is one job on one node, whose torchrun "
-                             f"starts its processes (several GPUs: launcher: {{torchrun: N}})")
+            raise SweepError(
+                f"{where}: executor {k} must be 1: a run is one job on one node, whose torchrun "
+                f"starts its processes (several GPUs: launcher: {{torchrun: N}})"
+            )
     return out
 
 # %% ../nbs/50_sweep.ipynb #5d2e39cc
 def _norm_executor(e, where) -> dict:
-    "Check an executor spec: `local`, `slurm`, `submitit-local`, or `{slurm: {option: value}}`: `{kind, options}`."
+    """Check an executor spec: `local`, `slurm`, `submitit-local`, or `{slurm: {option: value}}`: `{kind,
+    options}`."""
     if e is None: return dict(kind="local", options={})
     if isinstance(e, str): e = {e: {}}
     if not isinstance(e, dict) or len(e) != 1 or next(iter(e)) not in EXECUTORS:
@@ -232,7 +239,8 @@ def _norm_executor(e, where) -> dict:
                          f"time: ...}}}}, got {e!r}")
     kind, opts = next(iter(e.items()))
     opts = _mapping(opts, f"executor.{kind}", where)
-    if kind == "local" and opts: raise SweepError(f"{where}: the local executor takes no options, got {opts!r}")
+    if kind == "local" and opts:
+        raise SweepError(f"{where}: the local executor takes no options, got {opts!r}")
     return dict(kind=kind, options=_slurm_options(opts, where) if opts else {})
 
 # %% ../nbs/50_sweep.ipynb #8d62388a
@@ -241,7 +249,9 @@ def _paths(cfg, where) -> dict[str, str]:
     paths = _mapping(cfg.get("paths"), "paths", where)
     for k, v in paths.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)) or not isinstance(v, str):
-            raise SweepError(f"{where}: paths entries are name: 'folder' (a name is an identifier), got {k!r}: {v!r}")
+            raise SweepError(
+                f"{where}: paths entries are name: 'folder' (a name is an identifier), got {k!r}: {v!r}"
+            )
     return paths
 
 # %% ../nbs/50_sweep.ipynb #164212db
@@ -257,15 +267,18 @@ def _rehearsal(cfg, where) -> dict:
 _PATH_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def substitute(value, paths: dict, models: dict | None = None, where: str = "sweep"):
-    "`value` with every `${name}` replaced from `paths` and every string equal to a key of `models` replaced."
+    """`value` with every `${name}` replaced from `paths` and every string equal to a key of `models`
+    replaced."""
     if isinstance(value, list): return [substitute(v, paths, models, where) for v in value]
     if isinstance(value, dict): return {k: substitute(v, paths, models, where) for k, v in value.items()}
     if not isinstance(value, str): return value
     if models and value in models: return str(models[value])
     def one(m):
         if m.group(1) not in paths:
-            raise SweepError(f"{where}: {value!r} uses ${{{m.group(1)}}}, which the sweep's paths block does not define"
-                             f" (it defines {sorted(paths)})")
+            raise SweepError(
+                f"{where}: {value!r} uses ${{{m.group(1)}}}, which the sweep's paths block does not define"
+                f" (it defines {sorted(paths)})"
+            )
         return str(paths[m.group(1)])
     return _PATH_REF.sub(one, value)
 
@@ -288,9 +301,9 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
     paths, rehearsal = _paths(cfg, where), _rehearsal(cfg, where)
     return dict(name=name, notebook=str(found.resolve()), description=str(cfg.get("description") or ""),
                 base=base, grid=grid, runs=runs, seeds=seeds, seed_key=seed_key, smoke=smoke, demo=demo,
-                launcher=launcher, executor=executor, timeout=timeout, metrics=metrics, plot=plot, paths=paths, rehearsal=rehearsal,
-                model_map={},
-                source=str(src.resolve()) if src else None, root=str(Path(root).resolve()))
+                launcher=launcher, executor=executor, timeout=timeout, metrics=metrics, plot=plot,
+                paths=paths, rehearsal=rehearsal, model_map={}, source=str(src.resolve()) if src else None,
+                root=str(Path(root).resolve()))
 
 # %% ../nbs/50_sweep.ipynb #3b37e781
 @dataclass
@@ -389,20 +402,30 @@ def expand_runs(sweep: dict, smoke: bool = False, demo: bool = False) -> list[Ru
 
 # %% ../nbs/50_sweep.ipynb #7d31215b
 def rehearsal_sweep(sweep: dict, models: dict | None = None, paths: dict | None = None) -> dict:
-    """The sweep as its rehearsal: hub ids -> tiny random local models by kind, every `paths` name -> a generated
+    """The sweep as its rehearsal: hub ids -> tiny random local models by kind, every `paths` name -> a
+    generated
     fixture, the rehearsal's params as the smoke overrides (so identical runs collapse), name + '-rehearsal'.
-    `models` / `paths` default to `vla_lit.fixtures.rehearsal_models()` / `rehearsal_paths()` (generated once)."""
+    `models` / `paths` default to `vla_lit.fixtures.rehearsal_models()` / `rehearsal_paths()` (generated
+    once)."""
     r = sweep.get("rehearsal") or {}
     if not r.get("models") and not r.get("params"):
-        raise SweepError(f"sweep {sweep['name']!r} has no rehearsal block (rehearsal: {{models: ..., params: ...}})")
+        raise SweepError(
+            f"sweep {sweep['name']!r} has no rehearsal block (rehearsal: {{models: ..., params: ...}})"
+        )
     if models is None or paths is None:
         from vla_lit import fixtures   # lazy: generating tiny models imports transformers and diffusers
         models = fixtures.rehearsal_models() if models is None else models
         paths = fixtures.rehearsal_paths() if paths is None else paths
     bad = {hub: kind for hub, kind in r["models"].items() if kind not in models}
-    if bad: raise SweepError(f"sweep {sweep['name']!r}: rehearsal models {bad}: no such kind (kinds: {sorted(models)})")
+    if bad:
+        raise SweepError(
+            f"sweep {sweep['name']!r}: rehearsal models {bad}: no such kind (kinds: {sorted(models)})"
+        )
     missing = sorted(set(sweep.get("paths") or {}) - set(paths))
-    if missing: raise SweepError(f"sweep {sweep['name']!r}: no rehearsal fixture for paths {missing} (have {sorted(paths)})")
+    if missing:
+        raise SweepError(
+            f"sweep {sweep['name']!r}: no rehearsal fixture for paths {missing} (have {sorted(paths)})"
+        )
     return {**sweep, "name": f"{sweep['name']}-rehearsal", "smoke": dict(r["params"]),
             "paths": {k: str(paths[k]) for k in sweep.get("paths") or {}},
             "model_map": {hub: str(models[kind]) for hub, kind in r["models"].items()}}
@@ -633,13 +656,14 @@ def _wait_run(run: Run, d: Path, device, timeout) -> tuple:
                              stdin=subprocess.DEVNULL, start_new_session=True)
         _LIVE[p.pid] = p
         try:
-            if _STOP.is_set(): _kill(p)
+            if _STOP.is_set():
+                _kill(p)
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill(p)
             rc = p.wait()
             reason = f"timed out after {timeout:g} s (the sweep's `timeout`)"
-        except KeyboardInterrupt:       # a submitit job's body cancelled (SIGTERM/SIGINT): stop the run first
+        except KeyboardInterrupt:  # a submitit job's body cancelled (SIGTERM/SIGINT): stop the run first
             _kill(p, grace=5)
             raise
         finally:
@@ -713,7 +737,8 @@ def _executor(kind: str, folder: Path, params: dict):
 # %% ../nbs/50_sweep.ipynb #46c61092
 def run_job(run_dir: str | Path, run: Run, device: str | None = None, timeout: float | None = None,
             executor: str = "slurm") -> str:
-    "Body of a run's submitit job: the run's `launch_command` in the job, judged and recorded; returns its status."
+    """Body of a run's submitit job: the run's `launch_command` in the job, judged and recorded; returns its
+    status."""
     import submitit   # lazy (see the imports cell)
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)   # scancel / preemption: stop the run, record why
     d, env = Path(run_dir), submitit.JobEnvironment()
@@ -725,7 +750,10 @@ def run_job(run_dir: str | Path, run: Run, device: str | None = None, timeout: f
     try:
         rc, reason = _wait_run(run, d, device, timeout)
     except KeyboardInterrupt:
-        rc, reason = None, f"{executor} job {env.job_id} was cancelled (SIGTERM/SIGINT) before the run finished"
+        rc, reason = (
+            None,
+            f"{executor} job {env.job_id} was cancelled (SIGTERM/SIGINT) before the run finished",
+        )
     st.update(wall_s=round(time.time() - t0, 3), finished=_now(), returncode=rc, device=device,
               launcher=run.launcher)
     _write_json(d/"status.json", _judge(st, run, d, rc, reason))
@@ -752,7 +780,7 @@ class _LocalJobRef:
         return "FINISHED" if self.done() else "RUNNING"
 
 # %% ../nbs/50_sweep.ipynb #8169c6b6
-_JOBS: dict[str, object] = {}     # run folder -> its submitit job while the runner waits (cancelled on Ctrl-C)
+_JOBS: dict[str, object] = {}  # run folder -> its submitit job while the runner waits (cancelled on Ctrl-C)
 _ALIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
 
 def _live_job(d: Path):
@@ -783,18 +811,23 @@ def _await_job(run: Run, d: Path, job, kind: str) -> dict:
         _JOBS.pop(str(d), None)
     st = _read_json(d/"status.json") or {}
     if _STOP.is_set():
-        st.update(status="interrupted", error="interrupted (Ctrl-C), its job cancelled; run the sweep again to resume")
+        st.update(status="interrupted",
+                  error="interrupted (Ctrl-C), its job cancelled; run the sweep again to resume")
     elif st.get("status") in (None, "running"):
         tail = (d/"log.txt").read_text(errors="replace").splitlines()[-15:] if (d/"log.txt").exists() else []
-        st.update(status="failed", traceback="\n".join(tail) or None,
-                  error=f"{kind} job {job.job_id} ended ({job.state}) before the run finished: killed, cancelled "
-                        f"or out of time (see {d/'submitit'})")
+        st.update(
+            status="failed",
+            traceback="\n".join(tail) or None,
+            error=f"{kind} job {job.job_id} ended ({job.state}) before the run finished: killed, cancelled "
+            f"or out of time (see {d / 'submitit'})",
+        )
     _write_json(d/"status.json", st)
     return st
 
 # %% ../nbs/50_sweep.ipynb #af283c84
 def _submit_run(run: Run, d: Path, notebook, kind, options, device, timeout, sweep_name, smoke, defaults):
-    "Write a run's record, submit its job (files in the run's `submitit/`), record the job id; returns the job."
+    """Write a run's record, submit its job (files in the run's `submitit/`), record the job id; returns the
+    job."""
     st = _start_record(run, d, notebook, device, sweep_name, smoke, defaults)
     shutil.rmtree(d/"submitit", ignore_errors=True)
     folder = (d/"submitit").resolve()
@@ -810,17 +843,20 @@ def execute_job(run: Run, run_dir: str | Path, notebook: str | Path, executor: s
                 options: dict | None = None, device: str | None = None, timeout: float | None = None,
                 sweep_name: str = "", smoke: bool = False, defaults: dict | None = None,
                 verbose: bool = True) -> dict:
-    "Execute one run as a submitit job (waiting for its live job if it has one); writes and returns its status."
+    """Execute one run as a submitit job (waiting for its live job if it has one); writes and returns its
+    status."""
     from tqdm import tqdm   # lazy (see the imports cell)
     d, say = Path(run_dir), (tqdm.write if verbose else lambda s: None)
     job = _live_job(d)
-    if job is not None and _read_json(d/"params.json") != json.loads(json.dumps(_run_params(run, device, defaults))):
+    if job is not None and _read_json(d/"params.json") != json.loads(json.dumps(_run_params(run, device,
+                                                                                            defaults))):
         say(f"  cancel   {run.id}: job {job.job_id} runs outdated parameters")
         job.cancel(check=False)
         _await_job(run, d, job, executor)
         job = None
     if job is None:
-        job = _submit_run(run, d, notebook, executor, options or {}, device, timeout, sweep_name, smoke, defaults)
+        job = _submit_run(run, d, notebook, executor, options or {}, device, timeout, sweep_name, smoke,
+                          defaults)
         say(f"  submitted {run.id}: {executor} job {job.job_id}")
     else:
         say(f"  waiting  {run.id}: its {executor} job {job.job_id} is still running")
@@ -833,7 +869,8 @@ def sweep_dir_for(sweep: dict, out_root: str | Path = "runs", smoke: bool = Fals
     return Path(out_root)/(sweep["name"] + ("-demo" if demo else "") + ("-smoke" if smoke else ""))
 
 # %% ../nbs/50_sweep.ipynb #916b5707
-def _prepare_sweep(config, out_root, jobs: int, smoke: bool, only, demo: bool, rehearse: bool = False) -> tuple:
+def _prepare_sweep(config, out_root, jobs: int, smoke: bool, only, demo: bool,
+                   rehearse: bool = False) -> tuple:
     "Load and check a sweep and its runs before anything runs; make its folder, write sweep.json."
     sweep = load_sweep(config)
     if rehearse: sweep = rehearsal_sweep(sweep)
@@ -845,7 +882,8 @@ def _prepare_sweep(config, out_root, jobs: int, smoke: bool, only, demo: bool, r
     sdir = sweep_dir_for(sweep, out_root, smoke and not rehearse, demo)
     sdir.mkdir(parents=True, exist_ok=True)
     all_ids = [r.id for r in expand_runs(sweep, smoke, demo)]
-    meta = {**sweep, "smoke_mode": smoke, "demo_mode": demo, "rehearsal_mode": rehearse, "run_ids": all_ids, "written": _now()}
+    meta = {**sweep, "smoke_mode": smoke, "demo_mode": demo, "rehearsal_mode": rehearse, "run_ids": all_ids,
+            "written": _now()}
     _write_json(sdir/"sweep.json", meta)
     return sweep, runs, defaults, sdir
 
@@ -860,14 +898,17 @@ def _device_pool(device: str | None, n: int) -> queue.Queue:
 
 # %% ../nbs/50_sweep.ipynb #6d0e9d2d
 def _resolve_executor(sweep: dict, runs: list[Run], executor: str | None, slurm: dict | None) -> tuple:
-    "The executor and options of a sweep: the arguments over its `executor:` block; runs must fit on one node."
+    """The executor and options of a sweep: the arguments over its `executor:` block; runs must fit on one
+    node."""
     where = sweep.get("source") or f"sweep {sweep['name']!r}"
     spec = sweep.get("executor") or dict(kind="local", options={})
     kind = executor or ("slurm" if slurm and spec["kind"] == "local" else spec["kind"])
     if kind not in EXECUTORS: raise SweepError(f"executor must be one of {list(EXECUTORS)}, got {kind!r}")
     if kind == "local" and slurm: raise SweepError(f"Slurm options {slurm!r} given to the local executor")
     if kind == "local": return kind, {}
-    multi = [r.id for r in runs if str(((r.launcher or {}).get("torchrun") or {}).get("nnodes", 1)) not in ("1", "1:1")]
+    multi = [r.id for r in runs if str(((r.launcher or {}).get("torchrun") or {}).get("nnodes",
+                                                                                      1)) not in ("1",
+                                                                                                  "1:1")]
     if multi: raise SweepError(f"{where}: runs {multi} ask for several nodes; a {kind} job is one node")
     return kind, _slurm_options({**spec["options"], **(slurm or {})}, where)
 
@@ -877,7 +918,8 @@ def _work(r: Run, free: queue.Queue, sdir: Path, sweep: dict, smoke: bool, defau
     "Execute one run of a sweep on a free device slot, given back afterwards; returns (run, status)."
     dev = free.get()
     try:
-        kw = dict(device=dev, timeout=sweep["timeout"], sweep_name=sweep["name"], smoke=smoke, defaults=defaults)
+        kw = dict(device=dev, timeout=sweep["timeout"], sweep_name=sweep["name"], smoke=smoke,
+                  defaults=defaults)
         live = _live_job(sdir/r.id)
         if executor == "local" and live is not None:    # a job of an earlier Slurm runner: wait for it
             return r, _await_job(r, sdir/r.id, live, _read_json(sdir/r.id/"status.json")["executor"])
@@ -898,7 +940,8 @@ def _report(bar, rows: dict, r: Run, st: dict, progress: bool) -> None:
 
 # %% ../nbs/50_sweep.ipynb #8b8966dc
 def _run_all(todo: list[Run], work, rows: dict, jobs: int, name: str, progress: bool) -> None:
-    "Run `work` on every run of `todo`, `jobs` at a time, into `rows`; Ctrl-C kills the running ones (cancels their jobs)."
+    """Run `work` on every run of `todo`, `jobs` at a time, into `rows`; Ctrl-C kills the running ones
+    (cancels their jobs)."""
     from tqdm import tqdm   # lazy (see the imports cell)
     _STOP.clear()
     bar = tqdm(total=len(todo), desc=name, unit="run", disable=not progress or not todo)
@@ -926,10 +969,11 @@ def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: in
               executor: str | None = None, slurm: dict | None = None):
     """Run every unfinished run of a sweep with papermill, `jobs` at a time; returns a frame of run statuses.
     `rehearse`: the sweep's rehearsal (tiny random local models, generated fixtures; see `rehearsal_sweep`).
-    `executor`: `local` (default), `slurm` or `submitit-local` (default: the sweep's `executor:`); `slurm`: options."""
+    `executor`: `local` (default), `slurm` or `submitit-local` (default: the sweep's `executor:`); `slurm`:
+    options."""
     import pandas as pd   # lazy (see the imports cell)
-    sweep, runs, defaults, sdir = _prepare_sweep(config, out_root, 1 if jobs is None else jobs, smoke, only, demo,
-                                                 rehearse)
+    sweep, runs, defaults, sdir = _prepare_sweep(config, out_root, 1 if jobs is None else jobs, smoke, only,
+                                                 demo, rehearse)
     kind, opts = _resolve_executor(sweep, runs, executor, slurm)
     smoke = smoke or rehearse
     todo = [r for r in runs if force or not is_finished(sdir/r.id, r.params)]

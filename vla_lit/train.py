@@ -202,7 +202,9 @@ def load_trainable_state_dict(module: nn.Module, state: Mapping[str, torch.Tenso
 def _digest(t: torch.Tensor) -> str:
     "SHA-256 of a tensor's bytes."
     t = t.detach().cpu().contiguous()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    return hashlib.sha256(
+        t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    ).hexdigest()
 
 # %% ../nbs/04_train.ipynb #f0643d0b
 def frozen_snapshot(module: nn.Module) -> dict[str, tuple]:
@@ -416,7 +418,8 @@ def _global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 # %% ../nbs/04_train.ipynb #b5821aeb
 class _GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the union of every rank's batch for CPU tensors (gloo), where `nn.SyncBatchNorm` and
-    DDP refuse to run: the moments are all-reduced with autograd. Outside a group, in eval mode: BatchNorm."""
+    DDP refuse to run: the moments are all-reduced with autograd. Outside a group, in eval mode:
+    BatchNorm."""
     def _check_input_dim(self, x):
         if x.dim() < 2: raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
@@ -467,7 +470,8 @@ def sync_batchnorm(module: nn.Module, skip: Iterable[str] = (), gpu: bool = Fals
 
 # %% ../nbs/04_train.ipynb #0fb0ee3d
 def restore_batchnorm(module: nn.Module, originals: list[tuple[str, nn.Module]]):
-    "Put back the BatchNorms `sync_batchnorm` replaced (their tensors carry the statistics learnt meanwhile)."
+    """Put back the BatchNorms `sync_batchnorm` replaced (their tensors carry the statistics learnt
+    meanwhile)."""
     for name, m in reversed(originals):
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, m)
@@ -651,7 +655,8 @@ def position(self: Trainer) -> dict:
 # %% ../nbs/04_train.ipynb #4a5e2e77
 @patch
 def checkpoint(self: Trainer, gather: bool = True, mine: dict | None = None):
-    "Write `last.pt` (rank 0): weights, optimiser, schedule, every rank's position, history, EMA, best state."
+    """Write `last.pt` (rank 0): weights, optimiser, schedule, every rank's position, history, EMA, best
+    state."""
     o, mine = self.o, mine or self.position()
     if self.ddp and gather:
         per_rank = [None] * self.world
@@ -694,7 +699,7 @@ def _warn_if_changed(self: Trainer, ck: dict):
     o = self.o
     now = {"total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr,
            "accum_steps": o.accum_steps, "accum_mode": o.accum_mode}
-    defaults = {"accum_steps": 1, "accum_mode": "plain"}                 # checkpoints from before accumulation
+    defaults = {"accum_steps": 1, "accum_mode": "plain"}  # checkpoints from before accumulation
     was = {k: ck["schedule"].get(k, defaults.get(k)) for k in now}
     if was != now:
         warnings.warn(f"train: resuming {self.ckpt_path} with a different schedule {now} "
@@ -751,7 +756,8 @@ def resume(self: Trainer):
 # %% ../nbs/04_train.ipynb #5bee2120
 @patch
 def next_batch(self: Trainer, j: int = 0):
-    "Micro-batch `j` of the current update, on the device (a callable gets the index `step * accum_steps + j`)."
+    """Micro-batch `j` of the current update, on the device (a callable gets the index `step * accum_steps +
+    j`)."""
     if self.gen is not None:
         return to_device(self.data(self.step * self.o.accum_steps + j, self.gen), self.device)
     try:
@@ -934,7 +940,8 @@ def _keep_best(self: Trainer, res: dict[str, float]) -> bool:
 # %% ../nbs/04_train.ipynb #1e6d95b9
 @patch
 def evaluate(self: Trainer):
-    "`eval_fn` on rank 0 (no grad, eval mode) into the history, keep-best; every rank learns whether to stop."
+    """`eval_fn` on rank 0 (no grad, eval mode) into the history, keep-best; every rank learns whether to
+    stop."""
     o = self.o
     if o.eval_fn is None:
         return
@@ -957,7 +964,8 @@ def evaluate(self: Trainer):
 # %% ../nbs/04_train.ipynb #65a47863
 @patch
 def _call_hook(self: Trainer, loss: float, checkpointed: bool, final: bool):
-    "`on_step(step, info)` on rank 0: the loss, whether a checkpoint was just written, the EMA, the history so far."
+    """`on_step(step, info)` on rank 0: the loss, whether a checkpoint was just written, the EMA, the history
+    so far."""
     if self.o.on_step is None or not self.is_main:
         return
     info = {"loss": loss, "checkpointed": checkpointed, "ema": self.ema, "final": final,

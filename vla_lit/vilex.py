@@ -158,7 +158,8 @@ def context(self: ViLex, vilex: torch.Tensor | None = None, keep: torch.Tensor |
 # %% ../nbs/40_vilex.ipynb #cfd83660
 @patch
 def _caption_words(self: ViLex, batch: dict, B: int) -> list[list[int]] | None:
-    "Joint training with text: with probability `p_caption` a sample's caption words follow its ViLex tokens."
+    """Joint training with text: with probability `p_caption` a sample's caption words follow its ViLex
+    tokens."""
     if not (self.p_caption > 0 and self.training and batch.get("captions") is not None):
         return None
     use = (torch.rand(B) < self.p_caption).tolist()
@@ -168,7 +169,8 @@ def _caption_words(self: ViLex, batch: dict, B: int) -> list[list[int]] | None:
 # %% ../nbs/40_vilex.ipynb #29880902
 @patch
 def loss(self: ViLex, batch: dict) -> dict[str, torch.Tensor]:
-    "The frozen decoder's denoising loss on the batch's images, prompted by their (TailDropped) ViLex tokens."
+    """The frozen decoder's denoising loss on the batch's images, prompted by their (TailDropped) ViLex
+    tokens."""
     d = self.decoder
     if "pixels" not in batch:
         raise ValueError(f"ViLex batch needs 'pixels' (the images to reconstruct); got keys {sorted(batch)}")
@@ -217,7 +219,8 @@ def sample(self: ViLex, batch: dict | None = None, vilex: torch.Tensor | None = 
            n_keep: int | None = None, words: Sequence[str] | None = None, steps: int = 25,
            s_visual: float = 1.0, s_text: float = 1.0, generator: torch.Generator | None = None,
            progress: bool = False) -> torch.Tensor:
-    "Reconstruct/generate images from ViLex tokens (first `n_keep`), optional words, with Text-Free Guidance."
+    """Reconstruct/generate images from ViLex tokens (first `n_keep`), optional words, with Text-Free
+    Guidance."""
     with torch.no_grad():
         if vilex is None and batch is not None:
             vilex = self.tokens(batch)
@@ -244,7 +247,8 @@ def generate(self: ViLex, captions: Sequence[str], guidance: float = 1.0, **kw) 
 
 # %% ../nbs/40_vilex.ipynb #404a148d
 def pool_states(h: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    "One vector per prompt from states h [B,L,d] and mask [B,L]: masked mean ('mean') or the EOS state ('eos')."
+    """One vector per prompt from states h [B,L,d] and mask [B,L]: masked mean ('mean') or the EOS state
+    ('eos')."""
     if how == "mean":
         m = mask.to(h.dtype)[..., None]
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
@@ -276,7 +280,8 @@ def prompt_vectors(self: ViLex, vilex: torch.Tensor | None = None, words: list[l
 
 # %% ../nbs/40_vilex.ipynb #53ef32d4
 class ViLexEmbedder:
-    "Images -> pooled text-encoder states of their ViLex prompt; texts -> of their caption prompt (suite protocol)."
+    """Images -> pooled text-encoder states of their ViLex prompt; texts -> of their caption prompt (suite
+    protocol)."""
     def __init__(self, vilex: ViLex, vision, vision_size: int | None = None, n_keep: int | None = None,
                  pool: str = "mean", batch_size: int = 64, extract_batch_size: int = 32,
                  extract_workers: int = 0, progress: bool = False):
@@ -284,11 +289,18 @@ class ViLexEmbedder:
             raise ValueError(f"ViLexEmbedder: pool must be 'mean' or 'eos', got {pool!r}")
         self.vilex, self.vision, self.vision_size = vilex.eval(), vision, vision_size
         self.n_keep, self.pool, self.batch_size = n_keep, pool, batch_size
-        self.extract_batch_size, self.extract_workers, self.progress = extract_batch_size, extract_workers, progress
+        self.extract_batch_size, self.extract_workers, self.progress = (
+            extract_batch_size,
+            extract_workers,
+            progress,
+        )
 
     def __repr__(self):
-        return (f"ViLexEmbedder({self.vilex.decoder.name}, {getattr(self.vision, 'name', '?')}@{self.vision_size}, "
-                f"N={self.vilex.n_tokens}, keep={self.n_keep or self.vilex.n_tokens}, pool={self.pool})")
+        return (
+            f"ViLexEmbedder({self.vilex.decoder.name}, "
+            f"{getattr(self.vision, 'name', '?')}@{self.vision_size}, "
+            f"N={self.vilex.n_tokens}, keep={self.n_keep or self.vilex.n_tokens}, pool={self.pool})"
+        )
 
 # %% ../nbs/40_vilex.ipynb #98b4e1cf
 @patch
@@ -315,7 +327,7 @@ def embed_texts(self: ViLexEmbedder, texts: Sequence[str]) -> torch.Tensor:
     limit = d.pad_to or getattr(d.text_encoder.config, "max_position_embeddings", None)
     ids = word_ids(d.tokenizer, list(texts))
     if limit:
-        ids = [i[:limit - 2] for i in ids]          # a long text keeps its first words (BOS, EOS take two slots)
+        ids = [i[:limit - 2] for i in ids]  # a long text keeps its first words (BOS, EOS take two slots)
     return self.vilex.prompt_vectors(words=ids, pool=self.pool, batch_size=self.batch_size)
 
 # %% ../nbs/40_vilex.ipynb #0498334b
@@ -329,7 +341,8 @@ def head_params(self: ViLex) -> dict:
 
 # %% ../nbs/40_vilex.ipynb #0087203a
 def load_frozen_decoder(params: dict, device=None) -> T2IDecoder:
-    "The frozen T2I decoder a head's params name: `decoder_hub_id` (or 'tiny-random-sd'), else `decoder_dir`."
+    """The frozen T2I decoder a head's params name: `decoder_hub_id` (or 'tiny-random-sd'), else
+    `decoder_dir`."""
     dev = get_device(device)
     hub = params.get("decoder_hub_id") or ""
     if hub == "tiny-random-sd":

@@ -272,7 +272,8 @@ def vlap_pooling(grid: int) -> tuple[str, ...]:
 
 # %% ../nbs/21_vlap.ipynb #5caa91d4
 def vlap_visual_features(vcache, ids: Sequence[str], grid: int) -> Tensor:
-    "CLS + the patch grid average-pooled to `grid` x `grid`: [len(ids), 1 + grid^2, D] (CLS only if grid is 0)."
+    """CLS + the patch grid average-pooled to `grid` x `grid`: [len(ids), 1 + grid^2, D] (CLS only if grid is
+    0)."""
     cls = vcache.take("cls", ids).float()
     if not grid: return cls.unsqueeze(1)
     P = pool_patch_grid(vcache.take("patches", ids).float(), grid=grid)
@@ -283,9 +284,12 @@ EMBEDDER_SPACES = ("embedding", "assignment")
 
 # %% ../nbs/21_vlap.ipynb #a4ec98e0
 class VLAPEmbedder:
-    """A trained `VLAP` as the evaluation suite sees it: images (cached frozen encoder, then the map) and captions
-    (the frozen LM's feature at `text_layer`) in the LLM's input space, scored in `space`: 'embedding' (cosine)
-    or 'assignment' (`assignment_similarity`). `extract_batch_size`: images / texts per extraction batch (None:
+    """A trained `VLAP` as the evaluation suite sees it: images (cached frozen encoder, then the map) and
+    captions
+    (the frozen LM's feature at `text_layer`) in the LLM's input space, scored in `space`: 'embedding'
+    (cosine)
+    or 'assignment' (`assignment_similarity`). `extract_batch_size`: images / texts per extraction batch
+    (None:
     the extractors' own, 32 / 64); `root`: the feature cache folder (None: the default cache)."""
     def __init__(self, mech: VLAP, encoder, *, grid: int = 2, text_layer: int = 0, space: str = "embedding",
                  batch_size: int = 256, extract_batch_size: int | None = None, extract_workers: int = 0,
@@ -293,7 +297,13 @@ class VLAPEmbedder:
         if space not in EMBEDDER_SPACES:
             raise ValueError(f"VLAPEmbedder: space must be one of {EMBEDDER_SPACES}, got {space!r}")
         if grid < 0: raise ValueError(f"VLAPEmbedder: grid must be >= 0, got {grid}")
-        self.mech, self.encoder, self.grid, self.text_layer, self.space = mech, encoder, grid, text_layer, space
+        self.mech, self.encoder, self.grid, self.text_layer, self.space = (
+            mech,
+            encoder,
+            grid,
+            text_layer,
+            space,
+        )
         self.batch_size, self.progress, self.root = batch_size, progress, root
         self.extract_batch_size, self.extract_workers = extract_batch_size, extract_workers
 
@@ -327,7 +337,8 @@ def _extract_kw(self: VLAPEmbedder) -> dict:
 # %% ../nbs/21_vlap.ipynb #0f7f6b5a
 @patch
 def visual_features(self: VLAPEmbedder, records) -> tuple[Tensor, list[str]]:
-    "The cached visual prefix of `records` before the map [N, 1 + grid^2, Dv] and the ids of those that decoded."
+    """The cached visual prefix of `records` before the map [N, 1 + grid^2, Dv] and the ids of those that
+    decoded."""
     vc = extract_features(self.encoder, records, pooling=vlap_pooling(self.grid), store_dtype="fp16",
                           num_workers=int(self.extract_workers or 0), **self._extract_kw())
     ids = [r.id for r in records if vc.has(r.id)]
@@ -349,7 +360,8 @@ def embed_images(self: VLAPEmbedder, records) -> tuple[Tensor, list[str]]:
 def text_features(self: VLAPEmbedder, texts: Sequence[str]) -> Tensor:
     "The frozen LM's mean-pooled hidden states of `texts` at `text_layer` [M, D] (cached), before centring."
     texts = list(texts)
-    tc = extract_text_features(self.mech.lm, texts, layer=self.text_layer, pooling="mean", **self._extract_kw())
+    tc = extract_text_features(self.mech.lm, texts, layer=self.text_layer, pooling="mean",
+                               **self._extract_kw())
     if tc.skipped: raise ValueError(f"VLAPEmbedder: {len(tc.skipped)} empty text(s), e.g. {tc.skipped[0]}")
     return tc.take("hidden", [f"text/{i}" for i in range(len(texts))]).float()
 
@@ -385,7 +397,8 @@ def captions(self: VLAPEmbedder, records, max_new_tokens: int = 12, num_beams: i
 
 # %% ../nbs/21_vlap.ipynb #90239676
 def vlap_head_state(mech: VLAP) -> dict[str, Tensor]:
-    "What a head holds: the map, the prototype token ids, and the prior and the text mean when set (CPU copies)."
+    """What a head holds: the map, the prototype token ids, and the prior and the text mean when set (CPU
+    copies)."""
     state = {f"proj.{k}": v.detach().cpu().clone() for k, v in mech.proj.state_dict().items()}
     state["vocab_ids"] = mech.vocab_ids.detach().cpu().clone()
     if mech.prior is not None: state["prior"] = mech.prior.detach().cpu().clone()
@@ -393,12 +406,13 @@ def vlap_head_state(mech: VLAP) -> dict[str, Tensor]:
     return state
 
 # %% ../nbs/21_vlap.ipynb #0c7d5708
-VLAP_HEAD_PARAMS = ("epsilon", "sinkhorn_iters", "temperature", "assign_weight", "caption_weight", "objective",
-                    "prompt")       # VLAP keyword arguments a head's params may carry
+VLAP_HEAD_PARAMS = ("epsilon", "sinkhorn_iters", "temperature", "assign_weight", "caption_weight",
+                    "objective", "prompt")  # VLAP keyword arguments a head's params may carry
 
 # %% ../nbs/21_vlap.ipynb #197cc058
 def vlap_from_state(lm, state: dict, params: dict | None = None) -> VLAP:
-    "A `VLAP` over `lm` with the map, prototypes, prior and text mean of a head state (eval mode, on the CPU)."
+    """A `VLAP` over `lm` with the map, prototypes, prior and text mean of a head state (eval mode, on the
+    CPU)."""
     kw = {k: v for k, v in (params or {}).items() if k in VLAP_HEAD_PARAMS and v is not None}
     W = state["proj.weight"]
     mech = VLAP(lm, W.shape[1], vocab_ids=state["vocab_ids"], prior=state.get("prior"),
@@ -408,7 +422,8 @@ def vlap_from_state(lm, state: dict, params: dict | None = None) -> VLAP:
 
 # %% ../nbs/21_vlap.ipynb #507cc5fe
 def embedder_from_head(head: dict, device=None, space: str = "embedding") -> VLAPEmbedder:
-    "The `VLAPEmbedder` of a saved head: the frozen models loaded by name, the mechanism rebuilt from its state."
+    """The `VLAPEmbedder` of a saved head: the frozen models loaded by name, the mechanism rebuilt from its
+    state."""
     p = head["params"]
     mech = vlap_from_state(load_lm(p["lm_name"]), head["state"], p).to(get_device(device))
     return VLAPEmbedder(mech, load_vision(p["vision"]), grid=int(p.get("grid", 2)),
