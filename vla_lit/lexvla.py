@@ -4,19 +4,25 @@
 
 # %% ../nbs/33_lexvla.ipynb #4d9e0fea
 from __future__ import annotations
-import math
+import copy, math, re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .lexical import VisionLexAdapter, init_codebook, to_sparse, sparse_scores
+from .core import get_device
+from .models import load_vision, load_lm
+from .features import extract_features, extract_text_features, pool_patch_grid
+from .lexical import (VisionLexAdapter, init_codebook, to_sparse, sparse_scores, word_vocabulary,
+                             lexical_prompt, text_lexical_weights)
 from .overuse import lexical_penalty, penalty_weight
 from .losses import symmetric_infonce
 from .metrics import recall_at_k_from_scores
 
 # %% auto #0
-__all__ = ['LexVLA', 'encode_all', 'paired_recall', 'lexical_eval', 'topk_hit_rate', 'select_vocabulary', 'calibrate_vision_bias',
-           'DenseLinearAlign']
+__all__ = ['EXTEND_MODES', 'LexVLA', 'encode_all', 'paired_recall', 'lexical_eval', 'topk_hit_rate', 'select_vocabulary',
+           'calibrate_vision_bias', 'DenseLinearAlign', 'lm_logits', 'word_index', 'vocabulary_extension',
+           'extend_vocabulary', 'CachedFeatures', 'LexVLAEmbedder', 'DenseEmbedder', 'head_state', 'lexvla_from_state',
+           'embedder_from_head']
 
 # %% ../nbs/33_lexvla.ipynb #623e1400
 class LexVLA(nn.Module):
@@ -146,3 +152,261 @@ class DenseLinearAlign(nn.Module):
         i, t = self.encode_image(batch["patches"]), F.normalize(batch["text"], dim=-1)
         S = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.T
         return {"loss": symmetric_infonce(S)}
+
+# %% ../nbs/33_lexvla.ipynb #50437391
+@torch.no_grad()
+def lm_logits(lm, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    "Full-vocabulary LM-head logits [B, V] (float32, CPU) of cached answer-position states [B, d]."
+    dev = next(lm.model.parameters()).device
+    out = [lm.lm_head(hidden[i:i + chunk].to(dev, lm.dtype)).float().cpu()
+           for i in range(0, len(hidden), chunk)]
+    return torch.cat(out) if out else torch.zeros(0, lm.lm_head.weight.shape[0])
+
+# %% ../nbs/33_lexvla.ipynb #416edb9c
+def word_index(tokenizer, vocab_size: int | None = None) -> dict[str, list[int]]:
+    "Lower-cased word -> the ids of the whole-word tokens (' word', any capitalisation) spelling it."
+    try:
+        ids = word_vocabulary(tokenizer, vocab_size=vocab_size)
+    except ValueError:
+        return {}
+    out: dict[str, list[int]] = {}
+    for t in ids.tolist():
+        out.setdefault(tokenizer.decode([t]).strip().lower(), []).append(t)
+    return out
+
+# %% ../nbs/33_lexvla.ipynb #68f6b814
+_WORD = re.compile(r"[A-Za-z]+")     # a word: a run of letters
+
+# %% ../nbs/33_lexvla.ipynb #8b7b7c24
+def vocabulary_extension(texts, index: dict, vocab_ids, min_len: int = 3) -> tuple[list[int], list[str]]:
+    "(ids of the whole-word tokens spelling words of `texts` not in `vocab_ids`, words no token spells)."
+    have = set(torch.as_tensor(vocab_ids).tolist())
+    words = dict.fromkeys(w.lower() for t in texts for w in _WORD.findall(t) if len(w) >= min_len)
+    new, missing = [], []
+    for w in words:
+        if w not in index:
+            missing.append(w)
+            continue
+        for t in index[w]:
+            if t not in have:
+                have.add(t)
+                new.append(t)
+    return new, missing
+
+# %% ../nbs/33_lexvla.ipynb #009d2e21
+def extend_vocabulary(model: LexVLA, token_embeddings: torch.Tensor, new_ids, bias: float) -> LexVLA:
+    "A copy of `model` with `new_ids` added to its vocabulary (codebook rows: token embeddings; bias `bias`)."
+    m = copy.deepcopy(model)
+    new_ids = torch.as_tensor(list(new_ids), dtype=torch.long)
+    if not len(new_ids): return m
+    cb, b = m.vision.codebook, m.vision.bias
+    rows = token_embeddings.detach()[new_ids].to(cb.device, cb.dtype)
+    m.vision.codebook = nn.Parameter(torch.cat([cb.detach(), rows]), requires_grad=cb.requires_grad)
+    m.vision.bias = nn.Parameter(torch.cat([b.detach(), b.new_full((len(new_ids),), float(bias))]))
+    m.vocab_ids = torch.cat([m.vocab_ids, new_ids.to(m.vocab_ids.device)])
+    return m
+
+# %% ../nbs/33_lexvla.ipynb #faf1b0e0
+class CachedFeatures:
+    "Patch features and answer-position states of records / texts: remembered caches first, else extraction."
+    def __init__(self, vision, lm, grid_pool: int = 1, batch_size: int = 64, extract_batch_size: int = 32,
+                 extract_workers: int = 0):
+        self.vision, self.lm, self.grid_pool, self.batch_size = vision, lm, int(grid_pool), int(batch_size)
+        self.extract_batch_size, self.extract_workers = int(extract_batch_size), int(extract_workers)
+        self.image_caches, self.text_hidden = [], {}
+
+    def remember_images(self, cache, records):
+        "Read `records` (those `cache` holds) from `cache` later; a record is found by its id and image path."
+        self.image_caches.append((cache, {r.id: str(r.image) for r in records if cache.has(r.id)}))
+
+    def remember_texts(self, texts, hidden: torch.Tensor):
+        "Answer-position states [len(texts), d] of the lexical prompts of `texts`, instead of extraction."
+        if len(texts) != len(hidden): raise ValueError(f"{len(texts)} texts but {len(hidden)} hidden states")
+        self.text_hidden.update(zip(texts, hidden))
+
+# %% ../nbs/33_lexvla.ipynb #2754e394
+@patch
+def image_rows(self: CachedFeatures, records) -> tuple:
+    "(feature cache, row numbers, ids) of the records with patch features; a new extraction is remembered."
+    records = list(records)
+    found = lambda known: all(known.get(r.id) == str(r.image) for r in records)
+    cache = next((c for c, known in self.image_caches if found(known)), None)
+    if cache is None:
+        cache = extract_features(self.vision, records, pooling=("patches",), store_dtype="fp16",
+                                 batch_size=self.extract_batch_size, num_workers=self.extract_workers,
+                                 progress=False)
+        self.remember_images(cache, records)
+    ids = [r.id for r in records if cache.has(r.id)]
+    return cache, cache.rows(ids), ids
+
+# %% ../nbs/33_lexvla.ipynb #2071a1c3
+@patch
+def patch_chunks(self: CachedFeatures, cache, rows):
+    "Pooled patch features [b, N', Dv] of `rows`, `batch_size` rows at a time."
+    for i in range(0, len(rows), self.batch_size):
+        yield pool_patch_grid(cache.get("patches", rows[i:i + self.batch_size]).float(), self.grid_pool)
+
+# %% ../nbs/33_lexvla.ipynb #8dffb5a0
+@patch
+def hidden(self: CachedFeatures, texts) -> torch.Tensor:
+    "Answer-position states [M, d] of the lexical prompts of `texts`."
+    texts = list(texts)
+    if texts and all(t in self.text_hidden for t in texts):
+        return torch.stack([self.text_hidden[t] for t in texts]).float()
+    tf = extract_text_features(self.lm, [lexical_prompt(t) for t in texts], pooling="last", progress=False)
+    if len(tf) != len(texts): raise ValueError(f"{len(texts)} texts but {len(tf)} text features")
+    return tf.get("hidden").float()
+
+# %% ../nbs/33_lexvla.ipynb #17d314eb
+EXTEND_MODES = ("none", "classnames", "all")   # which texts of an evaluation set may extend the vocabulary
+
+# %% ../nbs/33_lexvla.ipynb #40b3b83f
+class LexVLAEmbedder(CachedFeatures):
+    "LexVLA for `vla_lit.evaluate`: lexical vectors, sparse top-`topk` scores, per-set vocabulary extension."
+    def __init__(self, model: LexVLA, vision, lm, log_p0: float, grid_pool: int = 1, topk: int | None = 64,
+                 extend: str = "classnames", new_word_bias: float | str = "median", **kw):
+        super().__init__(vision, lm, grid_pool, **kw)
+        if extend not in EXTEND_MODES:
+            raise ValueError(f"extend must be one of {EXTEND_MODES}, got {extend!r}")
+        self.model, self.log_p0, self.topk, self.extend = model.eval(), float(log_p0), topk, extend
+        self.new_word_bias = new_word_bias
+        self.added, self.missing = [], []          # the current set's extension
+        self._index, self._images, self._ext, self.active = None, None, None, {}
+
+# %% ../nbs/33_lexvla.ipynb #70be614c
+@patch
+def current_model(self: LexVLAEmbedder) -> LexVLA:
+    "The trained model, or its copy extended by the current set's added words."
+    if not self.added: return self.model
+    if self._ext is None or self._ext[0] != self.added:
+        b = self.new_word_bias
+        b = float(self.model.vision.bias.detach().median()) if b == "median" else float(b)
+        ext = extend_vocabulary(self.model, self.lm.token_embeddings, self.added, b)
+        self._ext = (list(self.added), ext.eval())
+    return self._ext[1]
+
+# %% ../nbs/33_lexvla.ipynb #ee69a83c
+@patch(as_prop=True)
+def vocab_ids(self: LexVLAEmbedder) -> torch.Tensor:
+    "The token ids of the current vocabulary (training vocabulary, then the added words)."
+    return self.current_model().vocab_ids.cpu()
+
+# %% ../nbs/33_lexvla.ipynb #c7277231
+@patch
+def set_extension(self: LexVLAEmbedder, texts, kind: str):
+    "Extend the vocabulary by the words of `texts` (class names or captions, by `kind`) if the mode says so."
+    if self.extend == "all" or (self.extend == "classnames" and kind == "classnames"):
+        if self._index is None:
+            n = min(self.lm.vocab_size, self.lm.token_embeddings.shape[0])
+            self._index = word_index(self.lm.tokenizer, n)
+        self.added, self.missing = vocabulary_extension(texts, self._index, self.model.vocab_ids.cpu())
+    else:
+        self.added, self.missing = [], []
+
+# %% ../nbs/33_lexvla.ipynb #e677e6ce
+@patch
+@torch.no_grad()
+def image_weights(self: LexVLAEmbedder, cache, rows) -> torch.Tensor:
+    "Image lexical weights [len(rows), V] of cached patch rows under the current model."
+    model = self.current_model()
+    dev = next(model.parameters()).device
+    out = [model.encode_image(p.to(dev))["image_weights"].cpu() for p in self.patch_chunks(cache, rows)]
+    return torch.cat(out) if out else torch.zeros(0, model.vocab_size)
+
+# %% ../nbs/33_lexvla.ipynb #25dce6ec
+@patch
+def embed_images(self: LexVLAEmbedder, records) -> tuple:
+    "Image lexical weights [N, V] and the ids of the records with features (remembered for `similarity`)."
+    cache, rows, ids = self.image_rows(records)
+    self._images = (cache, rows, list(self.added))
+    return self.image_weights(cache, rows), ids
+
+# %% ../nbs/33_lexvla.ipynb #7f23d364
+@patch
+def text_weights(self: LexVLAEmbedder, texts) -> torch.Tensor:
+    "Frozen text lexical weights [M, V] of `texts` over the current vocabulary."
+    return text_lexical_weights(lm_logits(self.lm, self.hidden(texts)), self.log_p0, self.vocab_ids)
+
+# %% ../nbs/33_lexvla.ipynb #4ca171b2
+@patch
+def embed_texts(self: LexVLAEmbedder, texts) -> torch.Tensor:
+    "Caption vectors [M, V] (the vocabulary extended by the captions' words in mode 'all' only)."
+    self.set_extension(texts, "captions")
+    return self.text_weights(texts)
+
+# %% ../nbs/33_lexvla.ipynb #c2a5cedb
+@patch
+def classifier(self: LexVLAEmbedder, classnames, templates, chunk: int = 64) -> torch.Tensor:
+    "Class vectors [C, V] over the vocabulary extended by the class names' words (mode permitting)."
+    self.set_extension(classnames, "classnames")
+    C, T = len(classnames), len(templates)
+    H = self.hidden([t.format(c=c) for c in classnames for t in templates])      # class-major
+    out = [text_lexical_weights(lm_logits(self.lm, H[i * T:(i + chunk) * T]), self.log_p0, self.vocab_ids)
+           .view(-1, T, len(self.vocab_ids)).mean(1) for i in range(0, C, chunk)]
+    return torch.cat(out)
+
+# %% ../nbs/33_lexvla.ipynb #0591370b
+@patch
+def similarity(self: LexVLAEmbedder, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    "Scores [N, M] of image and text lexical vectors (sparse top-k, or dense with topk=None)."
+    src = self._images
+    if src is not None and len(src[1]) == len(images) and src[2] != self.added:
+        images = self.image_weights(src[0], src[1])           # embedded before the vocabulary changed
+    if images.shape[1] != texts.shape[1]:
+        raise ValueError(f"LexVLAEmbedder.similarity: images over {images.shape[1]} words, texts over "
+                         f"{texts.shape[1]}: not embedded under the same vocabulary")
+    self.active = {"active_image": float((images > 0).sum(1).float().mean()),
+                   "active_text": float((texts > 0).sum(1).float().mean())}
+    if not self.topk: return images @ texts.T
+    return sparse_scores(to_sparse(images, self.topk), to_sparse(texts, self.topk))
+
+# %% ../nbs/33_lexvla.ipynb #3fb2cc91
+@patch
+def extra_metrics(self: LexVLAEmbedder, es) -> dict:
+    "Active words per sample (before top-k), top-k, and the words this set added to the vocabulary."
+    return {**self.active, "topk": float(self.topk or 0), "vocab_added": float(len(self.added)),
+            "vocab_missing": float(len(self.missing))}
+
+# %% ../nbs/33_lexvla.ipynb #f86bac1f
+class DenseEmbedder(CachedFeatures):
+    "`DenseLinearAlign` for `vla_lit.evaluate`: unit image and text vectors, scored by their dot product."
+    def __init__(self, model: DenseLinearAlign, vision, lm, grid_pool: int = 1, batch_size: int = 4096, **kw):
+        super().__init__(vision, lm, grid_pool, batch_size=batch_size, **kw)
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def embed_images(self, records) -> tuple:
+        cache, rows, ids = self.image_rows(records)
+        dev = next(self.model.parameters()).device
+        out = [self.model.encode_image(p.to(dev)).cpu() for p in self.patch_chunks(cache, rows)]
+        return (torch.cat(out) if out else torch.zeros(0, self.model.proj.out_features)), ids
+
+    def embed_texts(self, texts) -> torch.Tensor: return F.normalize(self.hidden(texts), dim=-1)
+
+    def similarity(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor: return images @ texts.T
+
+# %% ../nbs/33_lexvla.ipynb #7f70f8d9
+def head_state(model: LexVLA, log_p0: float) -> dict:
+    "What `evaluate.save_head` stores for LexVLA: the model's tensors (CPU) and the text threshold."
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "log_p0": float(log_p0)}
+
+# %% ../nbs/33_lexvla.ipynb #30cc28e7
+def lexvla_from_state(sd: dict, vision_dim: int, token_embeddings: torch.Tensor) -> LexVLA:
+    "A LexVLA with the vocabulary, adapter, codebook and bias of a saved state dict."
+    m = LexVLA(vision_dim, token_embeddings.detach().cpu(), sd["vocab_ids"], penalty="none",
+               hidden=int(sd["vision.mlp.0.weight"].shape[0]))
+    m.load_state_dict(sd)
+    return m
+
+# %% ../nbs/33_lexvla.ipynb #b8c6ec54
+def embedder_from_head(head: dict, device=None) -> LexVLAEmbedder:
+    "The `LexVLAEmbedder` of a saved head (`evaluate.save_head(out, 'lexvla', head_state(...), params)`)."
+    p, st = head["params"], head["state"]
+    dev = get_device(device)
+    venc, lm = load_vision(p["vision"], device=dev), load_lm(p["lm"], device=dev)
+    model = lexvla_from_state(st["model"], venc.dim, lm.token_embeddings).to(dev)
+    return LexVLAEmbedder(model, venc, lm, st["log_p0"], grid_pool=p.get("grid_pool", 1),
+                          topk=p.get("topk", 64), extend=p.get("extend_vocab", "classnames"),
+                          new_word_bias=p.get("new_word_bias", "median"),
+                          extract_batch_size=p.get("extract_batch_size", 32),
+                          extract_workers=p.get("extract_workers", 0))
