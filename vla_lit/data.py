@@ -1368,6 +1368,9 @@ def _check_templates(s: DataSpec) -> str | None:
     t = s.opt("templates")
     if t is None:
         return None
+    if "{c}" in str(t):                      # literal templates, '|'-separated: each must name the class
+        bad = [x for x in str(t).split("|") if "{c}" not in x]
+        return f"templates: every '|'-separated template needs {{c}}, not {bad}" if bad else None
     known = _clip_benchmark_json("en_zeroshot_classification_templates.json")
     if known is None:
         return "templates= needs the embedded clip_benchmark package (make install)"

@@ -66,10 +66,11 @@ class EvalSet:
 
 # %% ../nbs/07_evaluate.ipynb #74dd0ba0
 def _templates_of(spec: DataSpec, rs: RecordSet) -> list[str]:
-    """Option `templates` (a clip_benchmark dataset), else the set's own, else CLIP's default; first
-    `ntemplates`."""
+    """Option `templates` (a clip_benchmark dataset, or literal '|'-separated templates with `{c}`), else the
+    set's own, else CLIP's default; the first `ntemplates`."""
     name = spec.opt("templates")
     ts = prompt_templates(str(name), default=()) if name else list(rs.templates or DEFAULT_TEMPLATES)
+    if name and "{c}" in str(name): ts = str(name).split("|")
     if name and not ts: raise BadInputError(f"{spec}: clip_benchmark has no templates for {name!r}")
     n = spec.opt("ntemplates")
     ts = list(ts)[:int(n)] if n else list(ts)
