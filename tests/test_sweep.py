@@ -225,10 +225,20 @@ def test_shipped_sweep_smoke(sweep_file, tmp_path):
     assert res.status.tolist() == ["ok"], (sdir/rid/"log.txt").read_text()[-4000:]
     m = json.loads((sdir/rid/"metrics.json").read_text())
     assert m and all(isinstance(v, (int, float)) for v in m.values()), m
-    if sw["metrics"]:
-        missing = [k for k in sw["metrics"] if k not in m]
-        assert not missing, f"{sweep_file.name} tabulates {missing}, which its notebook's metrics.json lacks"
+    params = json.loads((sdir/rid/"params.json").read_text())
+    missing = _missing_metrics(sw, m, params)
+    assert not missing, f"{sweep_file.name} tabulates {missing}, which its notebook's metrics.json lacks"
     collect(sdir)
+
+
+def _missing_metrics(sw, m, params) -> list[str]:
+    """The tabulated metrics a run's metrics.json lacks, leaving out those of evaluation sets the run did not
+    score (a smoke run or a rehearsal scores fewer sets): a key belongs to the longest set name it starts with."""
+    sets = {s.name for s in data_specs(params.get("eval_data"))}
+    declared = [sw["base"].get("eval_data"), (sw["demo"].get("params") or {}).get("eval_data")]
+    names = sets | {s.name for d in declared for s in data_specs(d)}
+    owner = lambda k: max([n for n in names if k.startswith(f"{n}_")], key=len, default=None)
+    return [k for k in sw["metrics"] or [] if k not in m and owner(k) in sets | {None}]
 
 
 def _rehearse(sweep_file, sw, tmp_path):
@@ -242,10 +252,7 @@ def _rehearse(sweep_file, sw, tmp_path):
         assert st == "ok", (sdir/rid/"log.txt").read_text()[-4000:]
         m = json.loads((sdir/rid/"metrics.json").read_text())
         params = json.loads((sdir/rid/"params.json").read_text())
-        sets = {s.name for s in data_specs(params.get("eval_data"))}    # a rehearsal may score fewer sets
-        names = sets | {s.name for s in data_specs(sw["base"].get("eval_data"))}
-        owner = lambda k: max([n for n in names if k.startswith(f"{n}_")], key=len, default=None)
-        missing = [k for k in sw["metrics"] or [] if k not in m and owner(k) in sets | {None}]
+        missing = _missing_metrics(sw, m, params)
         assert not missing, f"{sweep_file.name} tabulates {missing}, which its rehearsal's metrics.json lacks"
         hub = [v for v in params.values() if isinstance(v, str) and v in sw["rehearsal"]["models"]]
         assert not hub, f"{rid}: hub ids left in a rehearsal run: {hub}"
