@@ -69,6 +69,8 @@ def _infonce_checks(rank, out):
     uneven = slice(0, SPLIT[0]) if rank == 0 else slice(SPLIT[0], sum(SPLIT))
     out["ours"] = _loss_case(rank, clip_loss, X, Y, even)
     out["ours_uneven"] = _loss_case(rank, clip_loss, X, Y, uneven)
+    by_temperature = lambda zi, zt, s: clip_loss(zi, zt, temperature=1 / s)     # VLAP's contrastive form
+    out["ours_temperature"] = _loss_case(rank, by_temperature, X, Y, even)
     for local in (False, True):
         oc = ClipLoss(local_loss=local, gather_with_grad=True, rank=rank, world_size=WORLD)
         r = _loss_case(rank, oc, X, Y, even)
@@ -161,7 +163,7 @@ def test_gather_features(measured):
 
 def test_gathered_infonce_equals_one_process(measured):
     for r in measured:
-        for case in ("ours", "ours_uneven"):
+        for case in ("ours", "ours_uneven", "ours_temperature"):
             assert r[case]["loss"] < 1e-13 and r[case]["grad"] < 1e-13, (case, r[case])
         assert r["nograd_local"] == 0.0
     assert measured[0]["ours"]["value"] == measured[1]["ours"]["value"]     # the same loss on every rank

@@ -15,7 +15,7 @@ from .features import extract_features, extract_text_features, pool_patch_grid
 from .lexical import (VisionLexAdapter, init_codebook, to_sparse, sparse_scores, word_vocabulary,
                              lexical_prompt, text_lexical_weights)
 from .overuse import lexical_penalty, penalty_weight
-from .losses import symmetric_infonce
+from .losses import clip_loss
 from .metrics import recall_at_k_from_scores
 
 # %% auto #0
@@ -72,10 +72,9 @@ def loss(self: LexVLA, batch: dict) -> dict:
     si = self.encode_image(batch["patches"])["image_weights"]
     st = batch["text"].to(batch["patches"].device).float()
     _check_text(st, si, self.vocab_size)
-    S = self.score_scale * si @ st.T
-    con = symmetric_infonce(S)
+    con = clip_loss(si, st, self.score_scale)                 # gathered across ranks under DDP
     lam = penalty_weight(int(self.step), self.penalty_lambda, self.penalty_warmup)
-    pen = self.penalty_fn(si) if self.penalty_fn is not None else S.new_zeros(())
+    pen = self.penalty_fn(si) if self.penalty_fn is not None else si.new_zeros(())
     if self.training: self.step += 1
     active = lambda w: (w > 0).sum(1).float().mean().detach()
     return {"loss": con + lam * pen, "contrastive": con.detach(), "penalty": pen.detach(), "lambda": lam,
@@ -150,8 +149,7 @@ class DenseLinearAlign(nn.Module):
         return F.normalize(self.proj(patches.mean(1)), dim=-1)
     def loss(self, batch: dict) -> dict:
         i, t = self.encode_image(batch["patches"]), F.normalize(batch["text"], dim=-1)
-        S = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.T
-        return {"loss": symmetric_infonce(S)}
+        return {"loss": clip_loss(i, t, self.logit_scale.clamp(max=math.log(100)).exp())}
 
 # %% ../nbs/33_lexvla.ipynb #50437391
 @torch.no_grad()

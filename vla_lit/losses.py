@@ -68,10 +68,10 @@ def _gathers(gather: bool | None) -> bool:
     return torch.is_grad_enabled() if gather is None else bool(gather)
 
 # %% ../nbs/05_losses.ipynb #fdfe72c0
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float,
-              gather: bool | None = None) -> torch.Tensor:
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float | None = None,
+              gather: bool | None = None, temperature: torch.Tensor | float | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of paired rows `img[i]`, `txt[i]` (both [B,E]); `logit_scale` is the multiplier
-    1/tau.
+    1/tau (or give `temperature` tau: the logits are then computed as `img @ txt.T / tau`).
     Under a process group of > 1 ranks it is the loss of all ranks' pairs together, with gradients that DDP's
     average turns into the one-process gradient (`gather`: None = while autograd records, or True/False)."""
     if img.ndim != 2 or txt.ndim != 2:
@@ -82,8 +82,11 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | 
                          f"shape (row i of each is a pair)")
     if img.shape[0] == 0:
         raise ValueError("clip_loss: empty batch")
+    if (logit_scale is None) == (temperature is None):
+        raise ValueError("clip_loss: give exactly one of logit_scale and temperature")
     if _gathers(gather):
         img, txt = (gather_features(_ScaleGrad.apply(z, _world())) for z in (img, txt))
+    if temperature is not None: return symmetric_infonce(img @ txt.T / temperature)
     return symmetric_infonce(logit_scale * img @ txt.T)
 
 # %% ../nbs/05_losses.ipynb #d1aa5cf4

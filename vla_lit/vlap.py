@@ -13,7 +13,7 @@ from torch import nn, Tensor
 from fastcore.basics import patch
 from .core import get_device
 from .sinkhorn import sinkhorn
-from .losses import symmetric_infonce
+from .losses import clip_loss
 from .models import freeze, load_vision, load_lm
 from .features import extract_features, extract_text_features, pool_patch_grid
 
@@ -186,7 +186,7 @@ def scores(self: VLAP, z: Tensor) -> Tensor:
 def assign_loss(self: VLAP, zv: Tensor, zt: Tensor) -> dict[str, Tensor]:
     "The assignment term of normalised image and text vectors: swapped prediction (ot) or InfoNCE."
     if self.objective != "ot":
-        return {"assign": symmetric_infonce(zv @ zt.T / self.temperature)}
+        return {"assign": clip_loss(zv, zt, temperature=self.temperature)}   # gathered across ranks under DDP
     sv, st = self.scores(zv), self.scores(zt)
     qv = assignments(sv, self.epsilon, self.sinkhorn_iters, self.prior)
     qt = assignments(st, self.epsilon, self.sinkhorn_iters, self.prior)
