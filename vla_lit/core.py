@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #a1543846
 from __future__ import annotations
-import os, sys, json, random, atexit, dataclasses, importlib.util
+import os, sys, json, random, atexit, tempfile, dataclasses, importlib.util
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,8 @@ import torch.distributed as dist
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'embedded_root', 'embedded_path',
-           'dist_info', 'init_distributed']
+__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'write_json', 'embedded_root',
+           'embedded_path', 'dist_info', 'init_distributed']
 
 # %% ../nbs/00_core.ipynb #2024ba17
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -148,6 +148,16 @@ def cache_dir(*parts: str, create: bool = True) -> Path:
     if create:
         p.mkdir(parents=True, exist_ok=True)
     return p
+
+# %% ../nbs/00_core.ipynb #fee5e762
+def write_json(path: str | Path, obj, **dumps) -> Path:
+    "Write `obj` as JSON atomically (temporary file in the same folder, then a rename); mode 0644."
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.fchmod(fd, 0o644)
+    with os.fdopen(fd, "w") as f: f.write(json.dumps(obj, **dumps))
+    os.replace(tmp, path)
+    return path
 
 # %% ../nbs/00_core.ipynb #a22111ac
 def embedded_root() -> Path:

@@ -1062,7 +1062,7 @@ _COMMON_OPTIONS = {
 _COMMON_DEFAULTS = {"classes": "all", "invert": False}
 
 # %% ../nbs/02_data.ipynb #ds12
-DATA_FORMATS = {
+_EMBEDDED_FORMATS = {   # the sets that ship with the embedded default, by name
     "tuxpaint": DataFormat(
         "optional",
         {
@@ -1088,6 +1088,10 @@ DATA_FORMATS = {
                                   doc="20 ImageNet photos (foolbox)"),
     "gcompris-photos": DataFormat("none", {}, {}, "classification", True, doc="GCompris photos by class"),
     "gcompris-captions": DataFormat("none", {}, {}, "retrieval", True, doc="captioned GCompris photos"),
+}
+
+# %% ../nbs/02_data.ipynb #a6526017
+_USER_FORMATS = {   # the user's data, by format and path
     "coco": DataFormat(
         "required", {"images": _opt_str}, {}, "retrieval", False, ("images",), "COCO captions JSON"
     ),
@@ -1113,6 +1117,7 @@ DATA_FORMATS = {
     ),
     "wds": DataFormat("required", {}, {}, "retrieval", False, doc="webdataset tar shards"),
 }
+DATA_FORMATS = {**_EMBEDDED_FORMATS, **_USER_FORMATS}
 
 # %% ../nbs/02_data.ipynb #ds15
 _SPEC_ESCAPES = {"%": "%25", "?": "%3F", "&": "%26", ";": "%3B", "=": "%3D"}

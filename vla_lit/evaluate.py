@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 import torch
 import torch.nn.functional as F
+from .core import write_json
 from .data import (BadInputError, DataSpec, RecordSet, data_specs, check_data_spec, resolve_data,
                           prompt_templates)
 from .metrics import (topk_accuracy, zero_shot_classifier as ensemble_classifier,
@@ -17,18 +18,17 @@ from .metrics import (topk_accuracy, zero_shot_classifier as ensemble_classifier
 from .metrics import captioning_scores
 
 # %% auto #0
-__all__ = ['CLASSIFICATION_FORMATS', 'DEFAULT_TEMPLATES', 'HEAD_FILE', 'SCORES_FILE', 'class_subset', 'EvalSet', 'eval_set',
-           'eval_sets', 'zero_shot_classifier', 'mean_per_class_recall', 'classification_metrics',
-           'evaluate_classification', 'retrieval_chance', 'evaluate_retrieval', 'evaluate_captioning', 'evaluate_set',
-           'evaluate', 'save_head', 'load_head', 'score_run']
+__all__ = ['DEFAULT_TEMPLATES', 'HEAD_FILE', 'SCORES_FILE', 'class_subset', 'EvalSet', 'eval_set', 'eval_sets',
+           'zero_shot_classifier', 'mean_per_class_recall', 'classification_metrics', 'evaluate_classification',
+           'retrieval_chance', 'evaluate_retrieval', 'evaluate_captioning', 'evaluate_set', 'evaluate', 'save_head',
+           'load_head', 'score_run']
 
 # %% ../nbs/07_evaluate.ipynb #000de6d7
-CLASSIFICATION_FORMATS = ("imagefolder", "fashion-mnist", "imagenet-photos", "gcompris-photos", "tuxpaint")
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 
 def _task_of(spec: DataSpec) -> str:
-    "The spec's task: option `task`, else classification for the class-labelled formats, else retrieval."
-    task = spec.opt("task") or ("classification" if spec.format in CLASSIFICATION_FORMATS else "retrieval")
+    "The spec's task: option `task`, else its format's default (`vla_lit.data.DATA_FORMATS`)."
+    task = spec.opt("task")
     if task not in ("classification", "retrieval"):
         raise BadInputError(f"{spec}: task must be 'classification' or 'retrieval', got {task!r}")
     return task
@@ -298,14 +298,6 @@ def load_head(run_dir: str | Path) -> dict:
         raise BadInputError(f"{f}: not a vla_lit head (format 1)")
     return head
 
-# %% ../nbs/07_evaluate.ipynb #d2b4c53c
-def _write_json(path: Path, obj) -> None:
-    "Write JSON atomically (a killed write leaves the old file)."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as f: json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
 # %% ../nbs/07_evaluate.ipynb #804a6727
 def score_run(run_dir: str | Path, specs, device: str | None = None, verbose: bool = True) -> dict:
     """Score a finished run's saved head on data specs; merged into `run_dir/scores.json` by set; returns the
@@ -321,6 +313,6 @@ def score_run(run_dir: str | Path, specs, device: str | None = None, verbose: bo
     new = {es.name: evaluate_set(embedder, es) | {"spec": str(es.spec)} for es in sets}
     f = run_dir/SCORES_FILE
     old = json.loads(f.read_text()) if f.is_file() else {}
-    _write_json(f, old | new)
+    write_json(f, old | new, indent=1, sort_keys=True)
     if verbose: print(f"scored {len(sets)} set(s) -> {f}")
     return {f"{s}_{k}": v for s, m in new.items() for k, v in m.items() if k != "spec"}

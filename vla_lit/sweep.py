@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 import vla_lit
 from . import __version__
+from .core import write_json
 # nbformat, papermill, pandas, tqdm and submitit are imported inside the functions that use them: importing
 # this
 # module (the `vla_lit` command, every run's own process) stays fast, and only the runner pays for them.
@@ -506,12 +507,8 @@ def _now() -> str:
 
 # %% ../nbs/50_sweep.ipynb #5898ad68
 def _write_json(path, obj) -> Path:
-    "Write `obj` as JSON through a temporary file and a rename: never a half-written file."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    "A run record as JSON (paths as strings), atomically: `vla_lit.core.write_json`."
+    return write_json(path, obj, indent=1, default=str)
 
 # %% ../nbs/50_sweep.ipynb #d4772dd2
 def _read_json(path):
