@@ -9,7 +9,7 @@ import yaml
 from pathlib import Path
 from .sweep import EXECUTORS, SweepError, run_sweep, run_notebook_child, _repo_root
 from .results import collect, write_summary_notebook
-from .evaluate import score_run
+from .evaluate import eval_sets, score_run
 from .data import BadInputError
 
 # %% auto #0
@@ -177,8 +177,9 @@ def _score_dirs(paths: list[str]) -> list[Path]:
 # %% ../nbs/52_cli.ipynb #ff9b7c91
 def _cmd_score(a: argparse.Namespace) -> int:
     "`vla_lit score`: score every run on every data spec; the scores go to each run's scores.json."
-    for d in _score_dirs(a.runs):
-        got = score_run(d, a.data, device=a.device, verbose=False)
+    runs, sets = _score_dirs(a.runs), eval_sets(a.data)          # every set read once, for all the runs
+    for d in runs:
+        got = score_run(d, sets, device=a.device, verbose=False)
         shown = {k: round(v, 4) for k,
                  v in got.items() if not k.split("_", 1)[-1].startswith(("chance", "n"))}
         print(f"{d}: {shown}")

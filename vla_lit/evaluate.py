@@ -303,7 +303,8 @@ def score_run(run_dir: str | Path, specs, device: str | None = None, verbose: bo
     """Score a finished run's saved head on data specs; merged into `run_dir/scores.json` by set; returns the
     new metrics."""
     run_dir = Path(run_dir)
-    sets = eval_sets(specs)
+    resolved = isinstance(specs, (list, tuple)) and all(isinstance(s, EvalSet) for s in specs)
+    sets = list(specs) if resolved else eval_sets(specs)        # EvalSets: resolved once for many runs
     head = load_head(run_dir)
     name = head["mechanism"]
     module = importlib.import_module(name if "." in name else f"vla_lit.{name}")
