@@ -150,7 +150,11 @@ def _worker(rank, port, path):
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:     # one gloo abort seen under a loaded CI (SIGABRT at teardown): retry
+        warnings.warn(f"2-rank worker died ({e}); running the checks once more on a fresh port")
+        mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
     res = [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     print({k: v for k, v in res[0].items()})
     return res
