@@ -35,7 +35,8 @@ _SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 # %% ../nbs/50_sweep.ipynb #445f3761
 SWEEP_KEYS = ("name", "notebook", "description", "base", "grid", "runs", "seeds", "smoke", "demo",
-              "launcher", "executor", "timeout", "metrics", "plot", "seed_key", "paths", "rehearsal")
+              "launcher", "executor", "timeout", "metrics", "plot", "seed_key", "paths", "rehearsal",
+              "presets")
 EXECUTORS = ("local", "slurm", "submitit-local")   # where the runs execute (see "Running on Slurm")
 
 # %% ../nbs/50_sweep.ipynb #3aeb1cab
@@ -264,6 +265,21 @@ def _rehearsal(cfg, where) -> dict:
     return dict(models=_mapping(r.get("models"), "rehearsal.models", where),
                 params=_mapping(r.get("params"), "rehearsal.params", where))
 
+# %% ../nbs/50_sweep.ipynb #03ad9b5f
+def _presets(cfg, grid: dict, runs: list[dict], where) -> dict[str, dict]:
+    "The `presets:` block (name -> parameter mapping), checked against the `preset` values the runs use."
+    presets = _mapping(cfg.get("presets"), "presets", where)
+    for k, v in presets.items():
+        v = _mapping(v, f"presets.{k}", where)
+        if "preset" in v: raise SweepError(f"{where}: presets.{k} may not set `preset` itself")
+        presets[k] = v
+    used = set(grid.get("preset", [])) | {r["preset"] for r in runs if "preset" in r}
+    unknown = sorted(map(str, used - set(presets)))
+    if unknown:
+        raise SweepError(f"{where}: preset(s) {unknown} are used but not defined in `presets:` "
+                         f"(defined: {sorted(presets)})")
+    return presets
+
 # %% ../nbs/50_sweep.ipynb #df0c68aa
 _PATH_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -300,10 +316,12 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
     launcher = _norm_launcher(cfg.get("launcher"), where)
     executor = _norm_executor(cfg.get("executor"), where)
     paths, rehearsal = _paths(cfg, where), _rehearsal(cfg, where)
+    presets = _presets(cfg, grid, runs, where)
     return dict(name=name, notebook=str(found.resolve()), description=str(cfg.get("description") or ""),
                 base=base, grid=grid, runs=runs, seeds=seeds, seed_key=seed_key, smoke=smoke, demo=demo,
                 launcher=launcher, executor=executor, timeout=timeout, metrics=metrics, plot=plot,
-                paths=paths, rehearsal=rehearsal, model_map={}, source=str(src.resolve()) if src else None,
+                paths=paths, rehearsal=rehearsal, presets=presets, model_map={},
+                source=str(src.resolve()) if src else None,
                 root=str(Path(root).resolve()))
 
 # %% ../nbs/50_sweep.ipynb #3b37e781
@@ -338,6 +356,16 @@ def run_id(knobs: dict, prefix: str | None = None, max_len: int = 120) -> str:
     if len(rid) > max_len: rid = rid[:max_len - 9].rstrip("_-") + "-" + _hash([prefix, knobs])
     return rid
 
+# %% ../nbs/50_sweep.ipynb #f62bb650
+def _point_params(sweep: dict, knobs: dict, smoke: bool, demo: bool) -> dict:
+    "A run's parameters: base < its preset < its knobs (without `preset`) < demo < smoke, `${name}`s filled."
+    preset = (sweep.get("presets") or {}).get(knobs["preset"], {}) if "preset" in knobs else {}
+    own = {k: v for k, v in knobs.items() if k != "preset"}
+    dm = sweep.get("demo") or {}
+    params = {**sweep["base"], **preset, **own, **(dm.get("params", {}) if demo else {}),
+              **(sweep["smoke"] if smoke else {})}
+    return substitute(params, sweep.get("paths") or {}, sweep.get("model_map"), sweep["name"])
+
 # %% ../nbs/50_sweep.ipynb #4a4e3476
 def _points(sweep: dict, smoke: bool, demo: bool) -> list[Run]:
     "Every `runs` entry crossed with the grid axes it does not set (the grid alone too, unless covered)."
@@ -353,10 +381,7 @@ def _points(sweep: dict, smoke: bool, demo: bool) -> list[Run]:
         axes = {k: v for k, v in grid.items() if k not in entry}      # an entry fixes the axes it sets
         for p in (dict(zip(axes, vals)) for vals in itertools.product(*axes.values())):
             knobs = {**entry, **p}
-            params = {**sweep["base"], **knobs, **(dm.get("params", {}) if demo else {}),
-                      **(sweep["smoke"] if smoke else {})}
-            params = substitute(params, sweep.get("paths") or {}, sweep.get("model_map"), sweep["name"])
-            out.append(Run(run_id(knobs, prefix), knobs, params, launcher))
+            out.append(Run(run_id(knobs, prefix), knobs, _point_params(sweep, knobs, smoke, demo), launcher))
     return out
 
 # %% ../nbs/50_sweep.ipynb #7e2b2f2f

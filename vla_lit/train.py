@@ -21,9 +21,9 @@ from tqdm import tqdm
 from .core import RunConfig, get_device, seed_everything, dist_info, init_distributed
 
 # %% auto #0
-__all__ = ['cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules', 'count_parameters', 'trainable_state_dict',
-           'load_trainable_state_dict', 'frozen_snapshot', 'check_frozen', 'NonFiniteLossError', 'TrainResult',
-           'to_device', 'sync_batchnorm', 'restore_batchnorm', 'TrainOptions', 'Trainer', 'train']
+__all__ = ['OPTIMIZERS', 'cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules', 'count_parameters',
+           'trainable_state_dict', 'load_trainable_state_dict', 'frozen_snapshot', 'check_frozen', 'NonFiniteLossError',
+           'TrainResult', 'to_device', 'sync_batchnorm', 'restore_batchnorm', 'TrainOptions', 'Trainer', 'train']
 
 # %% ../nbs/04_train.ipynb #3e54dd02
 def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -364,11 +364,15 @@ class _ShieldInterrupt:
         return False
 
 # %% ../nbs/04_train.ipynb #717e816b
-def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float):
-    "AdamW groups: weight decay on matrices only (CLIP's rule), none on biases, gains and scalars."
-    decay = [p for n, p in params if p.ndim >= 2]
+def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, decay: str = "matrices"):
+    """Optimiser groups: `decay="matrices"` puts weight decay on matrices only (CLIP's rule), none on biases,
+    gains and scalars; `decay="all"` on every parameter (what `torch.optim.Adam(model.parameters(), ...)`
+    does in ShareLock's and VLAP's official code)."""
+    if decay == "all":
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    decay_ = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
-    groups = ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+    groups = ({"params": decay_, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
 
 # %% ../nbs/04_train.ipynb #4f5e0a95
@@ -476,13 +480,19 @@ def restore_batchnorm(module: nn.Module, originals: list[tuple[str, nn.Module]])
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, m)
 
+# %% ../nbs/04_train.ipynb #93186ed2
+OPTIMIZERS = {"adamw": torch.optim.AdamW,   # decoupled weight decay (Loshchilov & Hutter): the default
+              "adam": torch.optim.Adam}     # L2 coupled into the gradient: ShareLock's official optimiser
+
 # %% ../nbs/04_train.ipynb #01f3e025
 @dataclass
 class TrainOptions:
     "The knobs of `train` (see the table above); `steps` and `lr` default to the run config's."
     steps: int | None = None
     lr: float | None = None
+    optimizer: str = "adamw"
     weight_decay: float = 0.01
+    decay: str = "matrices"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup: int | float = 0.05
@@ -513,6 +523,10 @@ def _check_options(o: TrainOptions):
     "Refuse option values that would silently run another experiment."
     if int(o.steps) != o.steps or o.steps < 0 or not o.lr > 0:
         raise ValueError(f"train: need a whole number steps >= 0 and lr > 0, got steps={o.steps}, lr={o.lr}")
+    if o.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train: optimizer must be one of {sorted(OPTIMIZERS)}, got {o.optimizer!r}")
+    if o.decay not in ("matrices", "all"):
+        raise ValueError(f"train: decay must be 'matrices' or 'all', got {o.decay!r}")
     if o.log_every <= 0: raise ValueError(f"train: log_every must be > 0, got {o.log_every}")
     if o.clip_grad is not None and not o.clip_grad > 0:
         raise ValueError(f"train: clip_grad must be > 0, or None to turn clipping off; got {o.clip_grad}")
@@ -596,13 +610,14 @@ def _setup_dist(self: Trainer):
 # %% ../nbs/04_train.ipynb #1c7b0159
 @patch
 def _setup_optimiser(self: Trainer):
-    "AdamW over the trainable parameters, a gradient scaler for fp16, the DDP wrapper under torchrun."
+    "The optimiser over the trainable parameters, a gradient scaler for fp16, the DDP wrapper under torchrun."
     o, mech = self.o, self.mech
     named = [(n, p) for n, p in mech.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"train: {type(mech).__name__} has no parameter with requires_grad=True")
     self.params = [p for _, p in named]
-    self.opt = torch.optim.AdamW(_param_groups(named, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    groups = _param_groups(named, o.weight_decay, o.decay)
+    self.opt = OPTIMIZERS[o.optimizer](groups, lr=o.lr, betas=o.betas, eps=o.eps)
     self.scaler = torch.amp.GradScaler(self.device.type) if o.amp == "fp16" else None
     self.frozen = frozen_modules(mech)
     self.loss_fn, self.model = mech.loss, _LossForward(mech)
@@ -670,7 +685,8 @@ def checkpoint(self: Trainer, gather: bool = True, mine: dict | None = None):
     cpu = lambda sd: None if sd is None else {k: v.detach().cpu() for k, v in sd.items()}
     schedule = {"kind": "warmup_cosine", "total": o.steps, "warmup": o.warmup, "base_lr": o.lr,
                 "min_lr": o.min_lr,
-                "accum_steps": o.accum_steps, "accum_mode": o.accum_mode}
+                "accum_steps": o.accum_steps, "accum_mode": o.accum_mode,
+                "optimizer": o.optimizer, "weight_decay": o.weight_decay, "decay": o.decay}
     best = {"state": self.best_state, "step": self.best_step, "metric": self.best_metric,
             "bad": self.bad_evals}
     _atomic_save({"step": self.step, "model": cpu(trainable_state_dict(self.mech)),
@@ -698,8 +714,10 @@ def _warn_if_changed(self: Trainer, ck: dict):
     "Warn when the run resumed differs from the one checkpointed (schedule or seed)."
     o = self.o
     now = {"total": o.steps, "warmup": o.warmup, "base_lr": o.lr, "min_lr": o.min_lr,
-           "accum_steps": o.accum_steps, "accum_mode": o.accum_mode}
-    defaults = {"accum_steps": 1, "accum_mode": "plain"}  # checkpoints from before accumulation
+           "accum_steps": o.accum_steps, "accum_mode": o.accum_mode,
+           "optimizer": o.optimizer, "weight_decay": o.weight_decay, "decay": o.decay}
+    defaults = {"accum_steps": 1, "accum_mode": "plain", "optimizer": "adamw", "weight_decay": o.weight_decay,
+                "decay": "matrices"}  # checkpoints written before these options
     was = {k: ck["schedule"].get(k, defaults.get(k)) for k in now}
     if was != now:
         warnings.warn(f"train: resuming {self.ckpt_path} with a different schedule {now} "
