@@ -90,7 +90,7 @@ def caption_context(decoder: T2IDecoder, captions: Sequence[str], pad_to: int | 
     "Frozen text-encoder context [B,L,d] and mask [B,L] of captions, built like ViLex prompts (words only)."
     special, E = special_token_ids(decoder.tokenizer), input_embedding(decoder.text_encoder)
     ids = word_ids(decoder.tokenizer, list(captions))
-    L = pad_to or max(len(i) for i in ids) + 2
+    L = pad_to or decoder.pad_to or max(len(i) for i in ids) + 2
     hs, ms = [], []
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):

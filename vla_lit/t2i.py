@@ -71,6 +71,13 @@ def _pad_rows(rows: list[torch.Tensor], pad_embedding: torch.Tensor, pad_to: int
     mask = torch.stack([torch.arange(L, device=pad_embedding.device) < r.shape[0] for r in rows]).long()
     return embeds, mask
 
+# %% ../nbs/39_t2i.ipynb #caf38aca
+def _fit_words(ids: Sequence[int], used: int, pad_to: int | None) -> Sequence[int]:
+    "The first word ids that fit `pad_to` after `used` positions and the end token (a tokenizer's truncation)."
+    if pad_to is None:
+        return ids
+    return ids[:max(pad_to - used - 1, 0)]
+
 # %% ../nbs/39_t2i.ipynb #658d0186
 def prompt_embeds(embedding: nn.Embedding, special: tuple[int, int, int], tokens: torch.Tensor | None = None,
                   keep: torch.Tensor | None = None, words: list[list[int]] | None = None,
@@ -89,8 +96,9 @@ def prompt_embeds(embedding: nn.Embedding, special: tuple[int, int, int], tokens
         if tokens is not None:
             kept = tokens[b] if keep is None else tokens[b][keep[b].to(tokens.device)]
             parts.append(kept.to(W.dtype))
-        if words is not None and len(words[b]):
-            parts.append(lookup(words[b]))
+        w = [] if words is None else _fit_words(words[b], sum(x.shape[0] for x in parts), pad_to)
+        if len(w):
+            parts.append(lookup(w))
         parts.append(lookup([eos]))
         rows.append(torch.cat(parts, 0))
     return _pad_rows(rows, lookup([pad]), pad_to)
@@ -104,12 +112,14 @@ def _is_clip_text(m) -> bool:
 # %% ../nbs/39_t2i.ipynb #73af6ed5
 def encode_embeds(text_encoder, embeds: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Token-level hidden states [B,L,d_ctx] of a (CLIP / BERT / T5-encoder) text encoder fed input embeddings."
+    """Token-level hidden states [B,L,d_ctx] of a (CLIP / BERT / T5-encoder) text encoder fed input
+    embeddings; CLIP gets `attention_mask` only under `config.use_attention_mask` (as in `encode_prompt`)."""
     if not _is_clip_text(text_encoder):
         return text_encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     tm = getattr(text_encoder, "text_model", text_encoder)
     h = tm.embeddings(inputs_embeds=embeds)
-    mask = create_causal_mask(config=text_encoder.config, inputs_embeds=h, attention_mask=attention_mask,
+    pad_mask = attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+    mask = create_causal_mask(config=text_encoder.config, inputs_embeds=h, attention_mask=pad_mask,
                               past_key_values=None)
     h = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True).last_hidden_state
     return tm.final_layer_norm(h)

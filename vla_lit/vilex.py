@@ -149,7 +149,8 @@ def tokens(self: ViLex, batch: dict) -> torch.Tensor:
 def context(self: ViLex, vilex: torch.Tensor | None = None, keep: torch.Tensor | None = None,
             words: list[list[int]] | None = None,
             batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Cross-attention context (text-encoder states) and mask for a prompt of ViLex tokens and/or words."
+    """Cross-attention context (text-encoder states, the decoder's pipeline rule) and the prompt mask of ViLex
+    tokens and/or words (words past `pad_to` cut, as the tokenizer truncates)."""
     d = self.decoder
     E = input_embedding(d.text_encoder)
     e, m = prompt_embeds(E, self.special, vilex, keep, words, d.pad_to, batch_size)
