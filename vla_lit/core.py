@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #a1543846
 from __future__ import annotations
-import os, sys, json, random, atexit, tempfile, dataclasses, importlib.util
+import os, gc, sys, json, math, random, atexit, tempfile, dataclasses, importlib.util
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
@@ -12,10 +12,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
+try:
+    import resource                  # Unix only: the peak resident set of this process
+except ImportError:
+    resource = None
 
 # %% auto #0
-__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'write_json', 'embedded_root',
-           'embedded_path', 'dist_info', 'init_distributed']
+__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'write_json', 'peak_memory',
+           'write_metrics', 'free_memory', 'embedded_root', 'embedded_path', 'dist_info', 'init_distributed']
 
 # %% ../nbs/00_core.ipynb #2024ba17
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -158,6 +162,47 @@ def write_json(path: str | Path, obj, **dumps) -> Path:
     with os.fdopen(fd, "w") as f: f.write(json.dumps(obj, **dumps))
     os.replace(tmp, path)
     return path
+
+# %% ../nbs/00_core.ipynb #5f369cd7
+def peak_memory() -> dict[str, float]:
+    "Peak memory of this process so far, MiB: `peak_host_mb` (resident set), `peak_device_mb` (CUDA allocator)."
+    out = {}
+    if resource is not None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_host_mb"] = round(rss / 2**20 if sys.platform == "darwin" else rss / 1024, 1)
+    if torch.cuda.is_available():
+        peak = 0
+        if torch.cuda.is_initialized():
+            peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        out["peak_device_mb"] = round(peak / 2**20, 1)
+    return out
+
+# %% ../nbs/00_core.ipynb #b636c39c
+def _finite_number(v) -> bool:
+    "An int or float (NumPy scalars included) that is finite; bools are flags, not numbers."
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)): return False
+    return math.isfinite(v)
+
+# %% ../nbs/00_core.ipynb #eba0a459
+def write_metrics(out_dir: str | Path, metrics: dict, **dumps) -> Path:
+    "Check that `metrics` are finite numbers, add `peak_memory()`, write `out_dir/metrics.json` atomically."
+    bad = {k: v for k, v in metrics.items() if not _finite_number(v)}
+    if bad:
+        shown = ", ".join(f"{k!r}: {str(v)[:40]!r}" for k, v in bad.items())
+        raise ValueError(f"metrics must be finite numbers; {len(bad)} are not: {shown}")
+    peak = peak_memory()
+    if set(peak) & set(metrics):
+        raise ValueError(f"metric names {sorted(set(peak) & set(metrics))} are reserved for peak_memory()")
+    out = {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_json(Path(out_dir)/"metrics.json", {**out, **peak}, **{"indent": 2, **dumps})
+
+# %% ../nbs/00_core.ipynb #e073f583
+def free_memory() -> None:
+    "Free what nothing references any more: a garbage collection, then CUDA's cached blocks (if in use)."
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 # %% ../nbs/00_core.ipynb #a22111ac
 def embedded_root() -> Path:

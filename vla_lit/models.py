@@ -644,12 +644,18 @@ def _hub_context():
 
 # %% ../nbs/01_models.ipynb #552a98a2
 def _offline_error(name: str, kind: str, err: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"could not load {name!r} with transformers' from_pretrained "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:300]}).\n"
-        "A Hugging Face hub id needs network access (or a copy already in the HF cache), "
-        "or pass a local folder with config.json and the weights. "
-        f"The {kind} models that work offline here are:\n{_known_list(kind)}")
+    first = (str(err).splitlines() or [""])[0][:300]
+    if "gated" in str(err).lower():
+        need = (f"{name!r} is a gated model: request access at https://huggingface.co/{name}, then log in "
+                "(`hf auth login`, or set HF_TOKEN), or pass a local folder with its weights. ")
+    elif name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        need = f"There is no folder {name!r} (a local model folder holds config.json and the weights). "
+    else:
+        need = ("A Hugging Face hub id needs network access (or a copy already in the HF cache), "
+                "or pass a local folder with config.json and the weights. ")
+    return ModelLoadError(f"could not load {name!r} with transformers' from_pretrained "
+                          f"({type(err).__name__}: {first}).\n{need}"
+                          f"The {kind} models that work offline here are:\n{_known_list(kind)}")
 
 # %% ../nbs/01_models.ipynb #fcec391c
 def _hub_weight_files(name: str) -> list[Path]:
@@ -669,6 +675,17 @@ def _place(model: nn.Module, device, dtype) -> nn.Module:
     dev = get_device(device)
     return model.to(device=dev, dtype=default_dtype(dev, dtype))
 
+# %% ../nbs/01_models.ipynb #f02cc520
+def _load_kw(device, dtype) -> dict:
+    "`from_pretrained` keywords that load the weights in the run's dtype straight onto its device."
+    dev = get_device(device)
+    kw = {"dtype": default_dtype(dev, dtype)}
+    if dev.type != "cpu":
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())   # under torchrun: this rank's GPU
+        kw["device_map"] = dev
+    return kw
+
 # %% ../nbs/01_models.ipynb #204a3d0e
 def _vision_geometry(config, processor) -> tuple[int, int]:
     "Patch size and square input size of a hub vision model, from its config and image processor."
@@ -687,7 +704,7 @@ def _hub_vision(name: str, device, dtype) -> VisionEncoder:
     with _hub_context():
         try:
             config = AutoConfig.from_pretrained(name)
-            model = _load_quietly(AutoModel.from_pretrained, name, dtype=torch.float32)
+            model = _load_quietly(AutoModel.from_pretrained, name, **_load_kw(device, dtype))
         except (OSError, ValueError) as err:
             raise _offline_error(name, "vision", err) from err
         try:
@@ -712,7 +729,7 @@ def load_vision(name: str, device=None, dtype=None) -> VisionEncoder:
     if name == "dinov2-s14-embedded":
         src = _embedded_file(name)
         d = converted_dir(name, [src], lambda out: _convert_dinov2_onnx(src, out))
-        m = _load_quietly(Dinov2Model.from_pretrained, d, dtype=torch.float32)
+        m = _load_quietly(Dinov2Model.from_pretrained, d, **_load_kw(device, dtype))
         placed = _place(m, device, dtype)
         return VisionEncoder(placed, name, fingerprint(name, [src]), patch_size=14, image_size=224)
     return _hub_vision(name, device, dtype)
@@ -733,7 +750,7 @@ def _hub_lm(name: str, device, dtype) -> LanguageModel:
             is_dec = _is_decoder_config(config)
             tok = AutoTokenizer.from_pretrained(name)
             auto = AutoModelForCausalLM if is_dec else AutoModel
-            m = _load_quietly(auto.from_pretrained, name, dtype=torch.float32)
+            m = _load_quietly(auto.from_pretrained, name, **_load_kw(device, dtype))
         except (OSError, ValueError) as err:
             raise _offline_error(name, "lm", err) from err
     if getattr(config, "is_encoder_decoder", False) and hasattr(m, "get_encoder"):
@@ -745,13 +762,13 @@ def _hub_lm(name: str, device, dtype) -> LanguageModel:
 def _embedded_lm(name: str, device, dtype) -> LanguageModel:
     if name == "minilm-l6-embedded":
         d = _minilm_dir()
-        m = _load_quietly(BertModel.from_pretrained, d, dtype=torch.float32)
+        m = _load_quietly(BertModel.from_pretrained, d, **_load_kw(device, dtype))
         placed = _place(m, device, dtype)
         return LanguageModel(placed, AutoTokenizer.from_pretrained(d), name,
                              fingerprint(name, [d/"model.safetensors"]), is_decoder=False)
     src = _embedded_file(name) if name == "smollm2-135m-embedded" else _gemma_gguf()
     d = converted_dir(name, [src], lambda out: _convert_gguf(src, out))
-    m = _load_quietly(AutoModelForCausalLM.from_pretrained, d, dtype=torch.float32)
+    m = _load_quietly(AutoModelForCausalLM.from_pretrained, d, **_load_kw(device, dtype))
     placed = _place(m, device, dtype)
     return LanguageModel(placed, AutoTokenizer.from_pretrained(d), name, fingerprint(name, [src]),
                          is_decoder=True)
