@@ -87,6 +87,10 @@ def test_contents(fx):
     assert csv[0].captions == ["first", "again"]
     wds = resolve_data(f"wds:{fx}/shard-{{000..001}}.tar")
     assert [r.caption for r in wds] == ["sample 00", "sample 01", "sample 10", "sample 11"]
+    (fx/"latin.csv").write_bytes("image,caption\nim0.png,un caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(BadInputError, match="latin.csv: line 2: .* encoding=latin-1"):
+        resolve_data(f"csv:{fx}/latin.csv?images={fx}/img")
+    assert resolve_data(f"csv:{fx}/latin.csv?images={fx}/img&encoding=latin-1").captions == ["un caf\u00e9"]
     inv = resolve_data(f"coco:{fx}/captions_val.json?images={fx}/img&invert=true")
     assert inv.name == "captions_val_inverted" and Image.open(inv[0].image).getpixel((0, 0)) == (55, 225, 225)
     assert [s.name for s in data_specs([c[0] for c in _cases(fx)])][:2] == ["captions_val", "dataset_toy_train"]
@@ -94,6 +98,7 @@ def test_contents(fx):
 
 def _bad(d: Path):
     (d/"bad_names.txt").write_text("only one name\n")
+    (d/"broken.json").write_text('{"images": [{"filename": "im0.png", "split": "test",}]}')
     return [
         ("cocoa:/x.json", "unknown format 'cocoa'; known formats: tuxpaint"),
         (f"coco:{d}/captions_val.json?images={d}/img&colour=red", "unknown option 'colour'"),
@@ -108,10 +113,12 @@ def _bad(d: Path):
         (f"karpathy:{d}/dataset_toy.json", "needs option images="),
         ("imagenet-photos?templates=nowhere", "not a clip_benchmark data set"),
         ("tuxpaint?name=my-set", "letters, digits and _"),
+        (f"wds:{d}/nothing-*.tar", "matches no file"),
+        (f"karpathy:{d}/broken.json?images={d}/img&split=test", "broken.json: not valid JSON"),
     ]
 
 
-@pytest.mark.parametrize("k", range(13))
+@pytest.mark.parametrize("k", range(15))
 def test_bad_input(fx, k):
     spec, says = _bad(fx)[k]
     with pytest.raises(BadInputError) as e:

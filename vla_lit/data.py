@@ -20,12 +20,12 @@ from .core import cache_dir, embedded_path
 __all__ = ['IMAGE_EXTS', 'SVG_RASTER_CACHE', 'TUXPAINT_CATEGORIES', 'TUXPAINT_CLASSNAMES', 'TUXPAINT_TEMPLATES',
            'TUXPAINT_HELDOUT', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_TEMPLATES', 'CIFAR10_CLASSES',
            'CIFAR100_CLASSES', 'GCOMPRIS_SOURCES', 'GCOMPRIS_CLASSES', 'GCOMPRIS_TEMPLATES', 'DATA_FORMATS',
-           'BadInputError', 'Record', 'load_rgba', 'load_image', 'load_mask', 'RecordSet', 'read_coco', 'read_karpathy',
-           'read_imagefolder', 'read_csv', 'read_webdataset', 'tuxpaint_root', 'random_split', 'concept_words',
-           'concept_split', 'tuxpaint', 'fashion_mnist', 'inverted_images', 'prompt_templates', 'imagenet_classnames',
-           'imagenet_photos', 'cifar_samples', 'read_rcc', 'gcompris_rcc_root', 'gcompris_photos', 'gcompris_captions',
-           'parse_scalar', 'DataFormat', 'DataSpec', 'parse_data_spec', 'expand_braces', 'wds_shards',
-           'check_data_spec', 'data_specs', 'resolve_data']
+           'BadInputError', 'Record', 'to_rgba', 'load_rgba', 'load_image', 'load_mask', 'RecordSet', 'read_coco',
+           'read_karpathy', 'read_imagefolder', 'read_csv', 'read_webdataset', 'tuxpaint_root', 'random_split',
+           'concept_words', 'concept_split', 'tuxpaint', 'fashion_mnist', 'inverted_images', 'prompt_templates',
+           'imagenet_classnames', 'imagenet_photos', 'cifar_samples', 'read_rcc', 'gcompris_rcc_root',
+           'gcompris_photos', 'gcompris_captions', 'parse_scalar', 'DataFormat', 'DataSpec', 'parse_data_spec',
+           'expand_braces', 'wds_shards', 'check_data_spec', 'data_specs', 'resolve_data']
 
 # %% ../nbs/02_data.ipynb #e3f7bd33
 class BadInputError(ValueError):
@@ -58,9 +58,17 @@ def _path_of(x) -> str:
 # %% ../nbs/02_data.ipynb #4eb95721
 @lru_cache(maxsize=64)
 def _tar_index(tar_path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
-    "Member name -> (data offset, size) of an uncompressed tar, so members are read with one seek."
+    """Member name -> (data offset, size) of an uncompressed tar, so members are read with one seek. A tar
+    cut short keeps the members before the cut (its reader reports the cut; a member cut short fails when
+    read)."""
+    index = {}
     with tarfile.open(tar_path, "r:") as tf:
-        return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+        try:
+            for m in tf:
+                if m.isfile(): index[m.name] = (m.offset_data, m.size)
+        except tarfile.TarError:
+            pass  # the archive ends early: the members listed so far stay readable
+    return index
 
 # %% ../nbs/02_data.ipynb #ce214859
 @lru_cache(maxsize=8)
@@ -188,6 +196,42 @@ def _render_svg(data: bytes | None, path: str, max_side: int) -> Image.Image:
             tmp.unlink(missing_ok=True)
     return im
 
+# %% ../nbs/02_data.ipynb #34f77365
+def _int_range(im: Image.Image) -> int:
+    "The largest value of an integer image's type: 65535 for 16 bits ('I;16*', a PNG's 'I'), else its TIFF's."
+    if im.mode.startswith("I;16") or im.format == "PNG": return 65535
+    tags = getattr(im, "tag_v2", {})
+    bits, fmt = tags.get(258, 32), tags.get(339, 1)   # BitsPerSample, SampleFormat (2: signed)
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    fmt = fmt[0] if isinstance(fmt, tuple) else fmt
+    return 2 ** (bits - (fmt == 2)) - 1
+
+# %% ../nbs/02_data.ipynb #ed4d8778
+def _deep_to_8bit(im: Image.Image) -> Image.Image:
+    "A 16- or 32-bit grayscale image scaled to 8 bits: 'L', or 'LA' when one value is marked transparent."
+    a = np.asarray(im)
+    grey = np.clip(np.rint(a.astype(np.float64) / (_int_range(im) / 255)), 0, 255).astype(np.uint8)
+    t = im.info.get("transparency")
+    if isinstance(t, int):
+        return Image.fromarray(np.stack([grey, np.where(a == t, 0, 255).astype(np.uint8)], -1))
+    return Image.fromarray(grey)
+
+# %% ../nbs/02_data.ipynb #e193af58
+def to_rgba(im: Image.Image) -> Image.Image:
+    "An image as RGBA: palette transparency kept, 16- and 32-bit grayscale scaled to 8 bits, not clipped."
+    if im.mode.startswith("I;16") or im.mode == "I":
+        im = _deep_to_8bit(im)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGBA")
+
+# %% ../nbs/02_data.ipynb #92573e71
+def _visible(rgba: Image.Image, path: str) -> Image.Image:
+    "`rgba`, unless every pixel is fully transparent: then `BadInputError` naming the file."
+    if rgba.getchannel("A").getextrema()[1] == 0:
+        raise BadInputError(f"{path}: fully transparent image (alpha 0 everywhere): nothing to show")
+    return rgba
+
 # %% ../nbs/02_data.ipynb #c3b3a5ce
 def load_rgba(x: Record | str | Path, svg_max_side: int = 512) -> Image.Image:
     "Decode the image of a record or path into RGBA; `BadInputError` naming the file if it cannot be used."
@@ -207,11 +251,10 @@ def load_rgba(x: Record | str | Path, svg_max_side: int = 512) -> Image.Image:
     try:
         with Image.open(src) as im:
             im.load()
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            return im.convert("RGBA")
+            rgba = to_rgba(im)
     except Exception as e:
         raise BadInputError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    return _visible(rgba, path)
 
 # %% ../nbs/02_data.ipynb #b680750d
 def load_image(x: Record | str | Path, background: tuple[int, int, int] = (255, 255, 255),
@@ -283,6 +326,11 @@ def check_images(self: RecordSet, strict: bool = False, progress: bool = True) -
             bad.append((str(r.image), str(e)))
     return self.subset(good, skipped=self.skipped + bad)
 
+# %% ../nbs/02_data.ipynb #95ffa511
+def _printable(text: str) -> str:
+    "`text` with the characters UTF-8 cannot hold (lone surrogates from bytes that did not decode) escaped."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 # %% ../nbs/02_data.ipynb #ab77fdb1
 class _Report:
     "Collects skipped items for a reader; raises on the first one when `strict`."
@@ -290,18 +338,24 @@ class _Report:
         self.strict, self.items = strict, []
 
     def __call__(self, path, reason: str):
-        if self.strict: raise BadInputError(f"{path}: {reason}")
-        self.items.append((str(path), reason))
+        if self.strict: raise BadInputError(f"{_printable(str(path))}: {reason}")
+        self.items.append((_printable(str(path)), reason))
 
 # %% ../nbs/02_data.ipynb #d0077412
 def _clean_captions(captions, where, report: _Report) -> list[str]:
     out = []
     for k, c in enumerate(captions):
-        c = "" if c is None else str(c).strip()
-        if c:
-            out.append(c)
-        else:
+        if c is not None and not isinstance(c, str):
+            what = f"a {type(c).__name__} ({c!r:.80})"
+            raise BadInputError(f"{_printable(str(where))}: caption #{k} is {what}, "
+                                "expected a string")
+        c = (c or "").strip()
+        if not c:
             report(where, f"empty caption #{k}")
+        elif _printable(c) != c:
+            report(where, f"caption #{k} is not UTF-8 text ('{_printable(c)[:60]}')")
+        else:
+            out.append(c)
     return out
 
 # %% ../nbs/02_data.ipynb #e27128c1
@@ -314,36 +368,129 @@ def _check_file(path: Path, report: _Report) -> bool:
         return False
     return True
 
+# %% ../nbs/02_data.ipynb #960f3fc0
+def _checked_ids(recs: list[Record], report: _Report) -> list[Record]:
+    "`recs` less those whose id is not UTF-8 text (reported); `BadInputError` naming an id two records share."
+    seen, out = {}, []
+    for r in recs:
+        if _printable(r.id) != r.id:
+            report(r.image, f"record id '{_printable(r.id)}' is not UTF-8 text: rename the file")
+            continue
+        if r.id in seen:
+            raise BadInputError(f"record id {r.id!r} is given twice: {_printable(str(seen[r.id]))} and "
+                                f"{_printable(str(r.image))}")
+        seen[r.id] = r.image
+        out.append(r)
+    return out
+
+# %% ../nbs/02_data.ipynb #b4f5fb1a
+def _read_json(path: Path, what: str):
+    "The JSON in file `path` (a `what`); else `BadInputError` naming the file, the line and the column."
+    try:
+        return json.loads(Path(path).read_bytes())
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: a {what} must be UTF-8 JSON; byte {e.start} is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{path}: not valid JSON (a {what} was expected): {e.msg} (line {e.lineno}, "
+                            f"column {e.colno})") from None
+
+# %% ../nbs/02_data.ipynb #0038beb2
+_COCO_LAYOUT = ("a COCO captions file is {'images': [{'id', 'file_name'}], "
+                "'annotations': [{'image_id', 'caption'}]}")
+
+
+def _json_items(d, key: str, fields: tuple, path: Path, layout: str) -> list[dict]:
+    "`d[key]`, a list of dicts each holding `fields`; else `BadInputError` naming the file and the item."
+    items = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(items, list):
+        raise BadInputError(f"{path}: no {key!r} list; {layout}")
+    for i, it in enumerate(items):
+        missing = [f for f in fields if not isinstance(it, dict) or f not in it]
+        if missing:
+            has = f"keys {sorted(it)}" if isinstance(it, dict) else f"a {type(it).__name__}"
+            raise BadInputError(f"{path}: {key}[{i}] has no {missing[0]!r} (it is {has}); {layout}")
+    return items
+
+# %% ../nbs/02_data.ipynb #896f3edd
+def _coco_files(images: list[dict], path: Path) -> dict:
+    "Image id -> file name, in file order; `BadInputError` naming an id two images share, and both files."
+    files = {}
+    for im in images:
+        if im["id"] in files:
+            raise BadInputError(f"{path}: image id {im['id']!r} is given twice: {files[im['id']]} and "
+                                f"{im['file_name']}; each image needs its own id")
+        files[im["id"]] = im["file_name"]
+    return files
+
+# %% ../nbs/02_data.ipynb #121c4d49
+def _coco_captions(anns: list[dict], files: dict, path: Path, report: _Report) -> dict:
+    "Image id -> its captions; annotations of ids not among the images are reported (count, an example id)."
+    caps, orphans = {}, []
+    for a in anns:
+        if a["image_id"] in files:
+            caps.setdefault(a["image_id"], []).append(a.get("caption"))
+        else:
+            orphans.append(a["image_id"])
+    if orphans:
+        report(path, f"{len(orphans)} annotations name image ids not in 'images' "
+                     f"(e.g. image_id {orphans[0]!r}); their captions are left out")
+    return caps
+
 # %% ../nbs/02_data.ipynb #a277f194
 def read_coco(captions_json: str | Path, image_root: str | Path, strict: bool = False,
               name: str = "coco") -> RecordSet:
     "Read a COCO captions file (`captions_*.json`); images are `image_root/file_name`."
     captions_json, image_root = Path(captions_json), Path(image_root)
-    d = json.loads(captions_json.read_text())
-    caps: dict[int, list] = {}
-    for a in d.get("annotations", []):
-        caps.setdefault(a["image_id"], []).append(a.get("caption"))
-    report, recs = _Report(strict), []
-    for im in d["images"]:
-        path = image_root/im["file_name"]
-        cs = _clean_captions(caps.get(im["id"], []), path, report)
+    d = _read_json(captions_json, "COCO captions file")
+    images = _json_items(d, "images", ("id", "file_name"), captions_json, _COCO_LAYOUT)
+    anns = _json_items(d, "annotations", ("image_id",), captions_json, _COCO_LAYOUT)
+    files, report, recs = _coco_files(images, captions_json), _Report(strict), []
+    caps = _coco_captions(anns, files, captions_json, report)
+    for iid, file_name in files.items():
+        path = image_root/file_name
+        cs = _clean_captions(caps.get(iid, []), path, report)
         if not cs:
             report(path, "no caption")
             continue
         if not _check_file(path, report): continue
-        recs.append(Record(f"{name}/{im['id']}", str(path), cs))
-    return RecordSet(recs, name, skipped=report.items)
+        recs.append(Record(f"{name}/{iid}", str(path), cs))
+    return RecordSet(_checked_ids(recs, report), name, skipped=report.items)
+
+# %% ../nbs/02_data.ipynb #b9154467
+_KARPATHY_LAYOUT = "a Karpathy split file is {'images': [{'filename', 'split', 'sentences': [{'raw'}]}]}"
+
+
+def _karpathy_images(d, path: Path) -> list[dict]:
+    "The `images` of a Karpathy file; `BadInputError` naming the file and an item not laid out so."
+    images = _json_items(d, "images", ("filename",), path, _KARPATHY_LAYOUT)
+    for i, im in enumerate(images):
+        sents = im.get("sentences", [])
+        if not isinstance(sents, list) or not all(isinstance(s, dict) for s in sents):
+            raise BadInputError(f"{path}: images[{i}]['sentences'] is not a list of dicts; "
+                                f"{_KARPATHY_LAYOUT}")
+    return images
+
+# %% ../nbs/02_data.ipynb #cc641be7
+def _karpathy_want(images: list[dict], split: str | None, path: Path) -> set | None:
+    "The split values `split` selects (None: all); `BadInputError` listing the file's splits if it has none."
+    if split is None: return None
+    want = {"train", "restval"} if split == "train" else {split}
+    have = sorted({str(im.get("split")) for im in images})
+    if not want & set(have):
+        raise BadInputError(f"{path}: split {split!r} is not in the file; its splits: {', '.join(have)}")
+    return want
 
 # %% ../nbs/02_data.ipynb #b26e0f13
 def read_karpathy(split_json: str | Path, image_root: str | Path, split: str | None = None,
                   strict: bool = False) -> RecordSet:
     "Read a Karpathy split file; `split` in (None, 'train' (incl. restval), 'val', 'test', 'restval')."
     split_json, image_root = Path(split_json), Path(image_root)
-    d = json.loads(split_json.read_text())
+    d = _read_json(split_json, "Karpathy split file")
+    images = _karpathy_images(d, split_json)
     name = d.get("dataset", split_json.stem.replace("dataset_", ""))
-    want = None if split is None else ({"train", "restval"} if split == "train" else {split})
+    want = _karpathy_want(images, split, split_json)
     report, recs = _Report(strict), []
-    for im in d["images"]:
+    for im in images:
         if want is not None and im.get("split") not in want: continue
         path = image_root/im.get("filepath", "")/im["filename"]
         cs = _clean_captions([s.get("raw") for s in im.get("sentences", [])], path, report)
@@ -353,7 +500,8 @@ def read_karpathy(split_json: str | Path, image_root: str | Path, split: str | N
         if not _check_file(path, report): continue
         iid = im.get("cocoid", im.get("imgid", im["filename"]))
         recs.append(Record(f"{name}/{iid}", str(path), cs, group=im.get("split")))
-    return RecordSet(recs, name if split is None else f"{name}-{split}", skipped=report.items)
+    return RecordSet(_checked_ids(recs, report), name if split is None else f"{name}-{split}",
+                     skipped=report.items)
 
 # %% ../nbs/02_data.ipynb #624361e4
 def _read_classnames(path: Path, folders: list[str]) -> dict[str, str]:
@@ -367,12 +515,22 @@ def _read_classnames(path: Path, folders: list[str]) -> dict[str, str]:
         raise BadInputError(f"{path}: {len(lines)} class names for {len(folders)} class folders")
     return dict(zip(folders, lines))
 
+# %% ../nbs/02_data.ipynb #97f62fd6
+def _class_folders(root: Path) -> list[str]:
+    "The sorted class folder names under `root`; `BadInputError` naming one whose name is not UTF-8 text."
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    bad = [_printable(f) for f in folders if _printable(f) != f]
+    if bad:
+        raise BadInputError(f"{_printable(str(root))}: class folder '{bad[0]}' has a name that is not UTF-8 "
+                            "text; rename it (the folder name is the class)")
+    return folders
+
 # %% ../nbs/02_data.ipynb #cc167814
 def read_imagefolder(root: str | Path, classnames: str | Path | None = None, strict: bool = False,
                      name: str | None = None) -> RecordSet:
     "Read a class-per-folder tree; labels follow sorted folder names, captions are the class names."
     root = Path(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    folders = _class_folders(root)
     names = _read_classnames(Path(classnames), folders) if classnames else {f: f for f in folders}
     report, recs = _Report(strict), []
     for label, folder in enumerate(folders):
@@ -381,33 +539,63 @@ def read_imagefolder(root: str | Path, classnames: str | Path | None = None, str
             if not _check_file(p, report): continue
             rid = f"{name or root.name}/{folder}/{p.stem}"
             recs.append(Record(rid, str(p), [names[folder]], label, folder))
-    return RecordSet(recs, name or root.name, [names[f] for f in folders], skipped=report.items)
+    return RecordSet(_checked_ids(recs, report), name or root.name, [names[f] for f in folders],
+                     skipped=report.items)
 
 # %% ../nbs/02_data.ipynb #97d0881f
 _IMG_COLS = ("image", "filepath", "path", "file", "image_path", "url")
 _CAP_COLS = ("caption", "text", "title", "sentence", "captions")
 
+# %% ../nbs/02_data.ipynb #f470e5f3
+def _looks_like_image(cell: str) -> bool:
+    "Whether a CSV cell reads as an image path or URL (an image file extension, or `://`)."
+    cell = cell.strip()
+    return "://" in cell or Path(cell).suffix.lower() in IMAGE_EXTS
+
 # %% ../nbs/02_data.ipynb #cd17d9ee
-def _csv_columns(rows: list[list[str]]) -> tuple[int, int, int]:
-    "Image column, caption column and first data row: from a header row when there is one, else 0, 1, 0."
-    if rows:
-        head = [h.strip().lower() for h in rows[0]]
-        if any(h in _IMG_COLS for h in head) and any(h in _CAP_COLS for h in head):
-            ic = next(i for i, h in enumerate(head) if h in _IMG_COLS)
-            cc = next(i for i, h in enumerate(head) if h in _CAP_COLS)
-            return ic, cc, 1
+def _csv_columns(rows: list[list[str]], path="") -> tuple[int, int, int]:
+    """Image column, caption column and first data row: from a header row when there is one, else 0, 1, 0;
+    `BadInputError` naming the columns of a header that lacks one of them."""
+    if not rows: return 0, 1, 0
+    head = [h.strip().lower() for h in rows[0]]
+    ic = next((i for i, h in enumerate(head) if h in _IMG_COLS), None)
+    cc = next((i for i, h in enumerate(head) if h in _CAP_COLS), None)
+    if ic is not None and cc is not None: return ic, cc, 1
+    headed = ic is not None or cc is not None or (
+        bool(rows[0]) and not _looks_like_image(rows[0][0])
+        and len(rows) > 1 and bool(rows[1]) and _looks_like_image(rows[1][0]))
+    if headed:
+        lacks = " and no ".join(w for w, c in (("image", ic), ("caption", cc)) if c is None)
+        raise BadInputError(
+            f"{path}: the header row {rows[0]} has no {lacks} column; name the caption column one of "
+            f"{', '.join(_CAP_COLS)} and the image column one of {', '.join(_IMG_COLS)}")
     return 0, 1, 0
+
+# %% ../nbs/02_data.ipynb #32269b5f
+def _csv_text(path: Path, encoding: str) -> str:
+    "The text of `path` in `encoding`, a leading BOM dropped; `BadInputError` naming a line that won't decode."
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except LookupError:
+        raise BadInputError(f"{path}: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadInputError(
+            f"{path}: line {line}: byte {data[e.start]:#04x} is not {encoding} text; "
+            "give the file's encoding, "
+            "e.g. the spec option encoding=latin-1 or read_csv(..., encoding='latin-1')") from None
+    return text.removeprefix("\ufeff")
 
 # %% ../nbs/02_data.ipynb #16ebcb15
 def read_csv(path: str | Path, image_root: str | Path | None = None, sep: str | None = None,
-             strict: bool = False, name: str | None = None) -> RecordSet:
+             strict: bool = False, name: str | None = None, encoding: str = "utf-8") -> RecordSet:
     "Read a CSV/TSV of (image path, caption) rows; several rows per image become several captions."
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=sep))
-    ic, cc, start = _csv_columns(rows)
+    rows = list(csv.reader(io.StringIO(_csv_text(path, encoding), newline=""), delimiter=sep))
+    ic, cc, start = _csv_columns(rows, path)
     report, caps, order = _Report(strict), {}, []
     for ln, row in enumerate(rows[start:], start + 1):
         if len(row) <= max(ic, cc):
@@ -435,18 +623,40 @@ def _wds_key(member: str) -> tuple[str, str]:
     stem, _, ext = base.partition(".")
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
+# %% ../nbs/02_data.ipynb #72e3b6c9
+def _wds_whole(samples: dict, shard: Path, report: _Report, last: str | None = None) -> dict:
+    """The samples whose members all lie within the file; each one a cut shard reaches is reported by key, and
+    so is `last`, the sample read last before a cut (its other members may be lost)."""
+    size, out = shard.stat().st_size, {}
+    for k, files in samples.items():
+        cut = [m.name for m in files.values() if m.offset_data + m.size > size]
+        if cut:
+            report(f"{shard}::{k}", f"member {cut[0]} cut short by the end of the shard (truncated file)")
+        elif k == last:
+            report(f"{shard}::{k}", "the last sample before the shard's cut: its other members may be lost")
+        else:
+            out[k] = files
+    return out
+
 # %% ../nbs/02_data.ipynb #2940991b
 def _wds_samples(tf: tarfile.TarFile, shard: Path, report: _Report) -> dict[str, dict[str, tarfile.TarInfo]]:
-    "The file members of an open shard by sample key and extension; a truncated shard is reported."
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    "The whole samples of an open shard, by key and extension; a cut shard and its cut samples are reported."
+    samples, k = {}, None
     try:
         for m in tf:
-            if m.isfile():
-                k, ext = _wds_key(m.name)
-                samples.setdefault(k, {})[ext] = m
+            if not m.isfile(): continue
+            k, ext = _wds_key(m.name)
+            if ext in samples.get(k, {}):
+                raise BadInputError(f"{shard}: member {m.name} is in the shard twice")
+            samples.setdefault(k, {})[ext] = m
     except tarfile.TarError as e:
         report(shard, f"tar shard truncated or corrupt after {len(samples)} samples ({e})")
-    return samples
+        return _wds_whole(samples, shard, report, k)
+    if shard.stat().st_size - tf.offset < 2 * tarfile.BLOCKSIZE:   # a tar ends with two zero blocks
+        report(shard, f"tar shard ends without its end-of-archive blocks after {len(samples)} samples: "
+                      "it may have been cut short")
+        return _wds_whole(samples, shard, report, k)
+    return _wds_whole(samples, shard, report)
 
 # %% ../nbs/02_data.ipynb #78ad79a3
 def _wds_caption(tf: tarfile.TarFile, files: dict[str, tarfile.TarInfo]) -> str | None:
@@ -468,7 +678,7 @@ def _wds_records(tf: tarfile.TarFile, shard: Path, samples: dict, name: str,
             continue
         try:
             cap = _wds_caption(tf, files)
-        except (UnicodeDecodeError, json.JSONDecodeError, tarfile.TarError, OSError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, tarfile.TarError, OSError) as e:
             report(where, f"unreadable caption ({type(e).__name__})")
             continue
         cs = _clean_captions([cap], where, report)
@@ -476,15 +686,25 @@ def _wds_records(tf: tarfile.TarFile, shard: Path, samples: dict, name: str,
         recs.append(Record(f"{name}/{shard.stem}/{key}", f"{shard}::{img.name}", cs))
     return recs
 
+# %% ../nbs/02_data.ipynb #a02ab2af
+def _shard_list(shards: str | Path | Sequence[str | Path]) -> list[Path]:
+    "The shards of a path, a glob pattern or a list; `BadInputError` for a glob matching nothing or no shard."
+    if isinstance(shards, (str, Path)):
+        s = str(shards)
+        if not any(ch in s for ch in "*?["): return [Path(s)]
+        found = sorted(Path(s).parent.glob(Path(s).name))
+        if not found: raise BadInputError(f"shard pattern {s} matches no file")
+        return found
+    out = [Path(p) for p in shards]
+    if not out: raise BadInputError("read_webdataset: no shards given (an empty list)")
+    return out
+
 # %% ../nbs/02_data.ipynb #a8b701d3
 def read_webdataset(shards: str | Path | Sequence[str | Path], strict: bool = False,
                     name: str = "wds") -> RecordSet:
     "Read webdataset-style tar shards (a path, a glob pattern, or a list of paths)."
-    if isinstance(shards, (str, Path)):
-        s = str(shards)
-        shards = sorted(Path(s).parent.glob(Path(s).name)) if any(ch in s for ch in "*?[") else [Path(s)]
     report, recs = _Report(strict), []
-    for shard in map(Path, shards):
+    for shard in _shard_list(shards):
         if not shard.is_file():
             report(shard, "shard does not exist")
             continue
@@ -493,10 +713,10 @@ def read_webdataset(shards: str | Path | Sequence[str | Path], strict: bool = Fa
         except tarfile.TarError as e:
             report(shard, f"unreadable tar shard ({e})")
             continue
-        samples = _wds_samples(tf, shard, report)
         with tf:
+            samples = _wds_samples(tf, shard, report)
             recs += _wds_records(tf, shard, samples, name, report)
-    return RecordSet(recs, name, skipped=report.items)
+    return RecordSet(_checked_ids(recs, report), name, skipped=report.items)
 
 # %% ../nbs/02_data.ipynb #5d37ff4c
 TUXPAINT_CATEGORIES = ["animals", "clothes", "food", "hobbies", "household", "medical", "military",
@@ -1109,8 +1329,8 @@ _USER_FORMATS = {   # the user's data, by format and path
     ),
     "csv": DataFormat(
         "required",
-        {"images": _opt_str, "sep": _opt_str},
-        {},
+        {"images": _opt_str, "sep": _opt_str, "encoding": _opt_str},
+        {"encoding": "utf-8"},
         "retrieval",
         False,
         doc="CSV/TSV of (image, caption)",
@@ -1304,8 +1524,8 @@ def wds_shards(pattern: str) -> list[Path]:
 # %% ../nbs/02_data.ipynb #ds39
 @lru_cache(maxsize=8)
 def _karpathy_splits(path: str, mtime_ns: int) -> tuple[str, ...]:
-    d = json.loads(Path(path).read_text())
-    return tuple(sorted({str(im.get("split")) for im in d.get("images", [])}))
+    images = _karpathy_images(_read_json(Path(path), "Karpathy split file"), Path(path))
+    return tuple(sorted({str(im.get("split")) for im in images}))
 
 # %% ../nbs/02_data.ipynb #ds41
 def _check_exists(p, what: str, kind: str = "file") -> str | None:
@@ -1332,8 +1552,8 @@ def _check_karpathy(s: DataSpec) -> str | None:
         return err
     try:
         have = _karpathy_splits(s.path, os.stat(s.path).st_mtime_ns)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{s.path} is not a JSON file ({e})"
+    except BadInputError as e:
+        return str(e)
     want = {"train", "restval"} if s.opt("split") == "train" else {s.opt("split")}
     if not want & set(have):
         return f"split {s.opt('split')!r} is not in {s.path}; its splits: {', '.join(have)}"
@@ -1365,7 +1585,8 @@ def _check_imagefolder(s: DataSpec) -> str | None:
 def _check_wds(s: DataSpec) -> str | None:
     shards = wds_shards(s.path)
     if not any(p.is_file() for p in shards):
-        return f"shard pattern {s.path} matches no file ({len(shards)} names tried, e.g. {shards[0]})"
+        tried = f" ({len(shards)} names tried, e.g. {shards[0]})" if shards else ""
+        return f"shard pattern {s.path} matches no file{tried}"
     return None
 
 # %% ../nbs/02_data.ipynb #ds45
@@ -1455,7 +1676,8 @@ _SPEC_READERS = {
     "coco": lambda s, strict: read_coco(s.path, s.opt("images"), strict),
     "karpathy": lambda s, strict: read_karpathy(s.path, s.opt("images"), s.opt("split"), strict),
     "imagefolder": lambda s, strict: read_imagefolder(s.path, s.opt("classnames"), strict),
-    "csv": lambda s, strict: read_csv(s.path, s.opt("images"), s.opt("sep"), strict),
+    "csv": lambda s, strict: read_csv(s.path, s.opt("images"), s.opt("sep"), strict,
+                                      encoding=s.opt("encoding")),
     "wds": lambda s, strict: read_webdataset(wds_shards(s.path), strict),
 }
 
