@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from .core import cache_dir, default_dtype, init_distributed
-from .data import BadInputError, Record, RecordSet, load_image, wds_shards
+from .data import BadInputError, Record, RecordSet, load_image, to_rgba, wds_shards
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'POOLINGS', 'WDS_IMAGE_EXTS', 'sha256_file', 'records_fingerprint', 'texts_fingerprint',
@@ -67,8 +67,9 @@ def records_fingerprint(records: Iterable[Record], content: bool = False) -> str
 
 # %% ../nbs/03_features.ipynb #42c64350
 def texts_fingerprint(texts: Sequence[str]) -> str:
-    "SHA-256 of the texts (in order)."
-    return _sha256_bytes(json.dumps(list(texts), ensure_ascii=False).encode())
+    "SHA-256 of the texts (in order); valid UTF-8 text hashes as before, undecodable bytes never crash."
+    blob = json.dumps(list(texts), ensure_ascii=False)
+    return _sha256_bytes(blob.encode("utf-8", "surrogatepass"))
 
 # %% ../nbs/03_features.ipynb #058e7b78
 def feature_key(**parts) -> str:
@@ -624,12 +625,13 @@ def _as_wds_source(x) -> WebDatasetSource | None:
 
 # %% ../nbs/03_features.ipynb #8784a1aa
 def _decode_raster(data: bytes) -> Image.Image:
-    "Image bytes -> RGB, transparent parts over white (the rule of `vla_lit.data.load_image`)."
+    """Image bytes -> RGB, transparent parts over white (the rule of `vla_lit.data.load_image`);
+    a fully transparent image is a `BadInputError`."""
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        rgba = im.convert("RGBA")
+        rgba = to_rgba(im)                       # 16-bit grey scaled, not clipped to white
+    if rgba.getchannel("A").getextrema()[1] == 0:
+        raise BadInputError("fully transparent image (alpha 0 everywhere): nothing to show")
     bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(bg, rgba).convert("RGB")
 
