@@ -1,16 +1,21 @@
 """A finished LexVLA run is scored again, zero-shot, on a new ImageFolder whose class names are partly outside the
 training vocabulary: `evaluate.score_run` rebuilds the embedder from the saved head, adds the missing words for
-that set and reports how many (tiny random models, a few Tux Paint stamps)."""
+that set and reports how many (tiny RANDOM local fixtures in the hub models' layout, tests only: a Dinov2 with
+DINOv2's hub processor, resize 256 -> crop 224, and a Llama with untied embeddings; a few Tux Paint stamps). The
+run's vision codebook starts from the LM head, the matrix the text side is scored with."""
 import json, subprocess, sys
 from pathlib import Path
 import pytest
 from PIL import Image
 from vla_lit.evaluate import load_head, score_run, evaluate
 from vla_lit.lexvla import embedder_from_head, word_index, vocabulary_extension
+from vla_lit.fixtures import tiny_models
+from vla_lit.models import load_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPERMILL = Path(sys.executable).parent / "papermill"
-TINY = {"vision": "tiny-random-dinov2", "lm": "tiny-random-llama", "steps": 3, "dense_steps": 3, "batch_size": 8,
+FX = tiny_models(kinds=["vision", "decoder_lm"])
+TINY = {"vision": str(FX["vision"]), "lm": str(FX["decoder_lm"]), "steps": 3, "dense_steps": 3, "batch_size": 8,
         "n_scenes": 3, "init_active": 256, "show": False, "train_data": "tuxpaint?split=train&limit=50",
         "eval_data": ["tuxpaint?split=test&task=retrieval&name=tuxpaint&limit=10"]}
 
@@ -64,3 +69,14 @@ def test_no_extension_keeps_the_training_vocabulary(run_dir, tmp_path):
     spec = f"imagefolder:{_folder(tmp_path / 'zoo', ['mammal', 'insect'])}?name=zoo"
     got = evaluate(emb, [spec], verbose=False)
     assert got["zoo_vocab_added"] == 0 and emb.vocab_ids.tolist() == head["state"]["model"]["vocab_ids"].tolist()
+
+
+def test_vision_codebook_starts_from_the_lm_head(run_dir):
+    "On an untied LM the trained codebook is still next to the LM head's rows, far from the input embeddings'."
+    head = load_head(run_dir)
+    sd, lm = head["state"]["model"], load_lm(head["params"]["lm"])
+    vocab, cb = sd["vocab_ids"], sd["vision.codebook"]
+    W_out, W_in = lm.lm_head.weight.detach().float()[vocab], lm.token_embeddings.detach().float()[vocab]
+    ratio = (cb - W_out).norm(dim=1) / (cb - W_in).norm(dim=1)
+    assert (ratio < 0.5).all(), (f"the codebook is nearer the input embeddings than the LM head (distance ratio "
+                                 f"up to {float(ratio.max()):.2f}): initialise it from lexical_codebook(lm)")

@@ -12,8 +12,9 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['LEXICAL_PROMPT', 'lexical_activation', 'pool_lexical', 'topk_mask', 'topk_sparsify', 'SparseLex', 'to_sparse',
-           'sparse_index', 'dense_scores', 'sparse_scores', 'word_vocabulary', 'init_codebook', 'VisionLexAdapter',
-           'lexical_prompt', 'text_lexical_logits', 'text_lexical_weights', 'calibrate_log_threshold', 'top_words']
+           'sparse_index', 'dense_scores', 'sparse_scores', 'word_vocabulary', 'init_codebook', 'lexical_codebook',
+           'VisionLexAdapter', 'lexical_prompt', 'text_lexical_logits', 'text_lexical_weights',
+           'calibrate_log_threshold', 'top_words']
 
 # %% ../nbs/30_lexical.ipynb #1f481804
 def lexical_activation(logits: torch.Tensor) -> torch.Tensor:
@@ -123,14 +124,22 @@ def word_vocabulary(tokenizer, min_len: int = 3, max_size: int | None = None,
     return torch.tensor(ids[:max_size] if max_size else ids, dtype=torch.long)
 
 # %% ../nbs/30_lexical.ipynb #5ee086c0
-def init_codebook(token_embeddings: torch.Tensor, vocab_ids: torch.Tensor | None = None,
+def init_codebook(text_codebook: torch.Tensor, vocab_ids: torch.Tensor | None = None,
                   trainable: bool = True) -> nn.Parameter:
-    "A codebook [V', d] copied from the LLM's token embeddings (rows `vocab_ids`, or all)."
-    E = token_embeddings.detach()
+    "A codebook [V', d] copied from the LLM's text codebook (`lexical_codebook`; rows `vocab_ids`, or all)."
+    E = text_codebook.detach()
     if E.dim() != 2:
-        raise ValueError(f"init_codebook: token embeddings must be [V, d], got {tuple(E.shape)}")
+        raise ValueError(f"init_codebook: the text codebook must be [V, d], got {tuple(E.shape)}")
     if vocab_ids is not None: E = E[vocab_ids]
     return nn.Parameter(E.clone().float(), requires_grad=trainable)
+
+# %% ../nbs/30_lexical.ipynb #9e3436c0
+def lexical_codebook(lm) -> torch.Tensor:
+    "The text codebook [V, d] of a decoder LM: its LM head's weight, the matrix its text logits come from."
+    head = getattr(lm, "lm_head", None)
+    if head is None:
+        raise ValueError(f"lexical_codebook: {getattr(lm, 'name', lm)!r} has no LM head (need a decoder LM)")
+    return head.weight
 
 # %% ../nbs/30_lexical.ipynb #17777ec9
 class VisionLexAdapter(nn.Module):

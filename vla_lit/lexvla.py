@@ -12,8 +12,8 @@ from fastcore.basics import patch
 from .core import get_device
 from .models import load_vision, load_lm
 from .features import extract_features, extract_text_features, pool_patch_grid
-from .lexical import (VisionLexAdapter, init_codebook, to_sparse, sparse_scores, word_vocabulary,
-                             lexical_prompt, text_lexical_weights)
+from .lexical import (VisionLexAdapter, init_codebook, lexical_codebook, to_sparse, sparse_scores,
+                             word_vocabulary, lexical_prompt, text_lexical_weights)
 from .overuse import lexical_penalty, penalty_weight
 from .losses import clip_loss
 from .metrics import recall_at_k_from_scores
@@ -27,12 +27,12 @@ __all__ = ['EXTEND_MODES', 'LexVLA', 'encode_all', 'paired_recall', 'lexical_eva
 # %% ../nbs/33_lexvla.ipynb #623e1400
 class LexVLA(nn.Module):
     "LexVLA on cached features: {'patches': [B, N, Dv], 'text': [B, V] fixed text lexical weights} -> loss."
-    def __init__(self, vision_dim: int, token_embeddings: torch.Tensor,
+    def __init__(self, vision_dim: int, text_codebook: torch.Tensor,
                  vocab_ids: torch.Tensor | None = None, penalty: str = "overuse",
                  penalty_lambda: float = 1e-2, penalty_warmup: int = 100, hidden: int | None = None,
                  vision_bias_init: float = 0.0, score_scale: float = 1.0):
         super().__init__()
-        E = token_embeddings.detach().float()
+        E = text_codebook.detach().float()
         if vocab_ids is not None: vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
         self.register_buffer("vocab_ids", vocab_ids if vocab_ids is not None else torch.arange(E.shape[0]))
         codebook = init_codebook(E, vocab_ids, trainable=True)
@@ -192,13 +192,13 @@ def vocabulary_extension(texts, index: dict, vocab_ids, min_len: int = 3) -> tup
     return new, missing
 
 # %% ../nbs/33_lexvla.ipynb #009d2e21
-def extend_vocabulary(model: LexVLA, token_embeddings: torch.Tensor, new_ids, bias: float) -> LexVLA:
-    "A copy of `model` with `new_ids` added to its vocabulary (codebook rows: token embeddings; bias `bias`)."
+def extend_vocabulary(model: LexVLA, text_codebook: torch.Tensor, new_ids, bias: float) -> LexVLA:
+    "A copy of `model` with `new_ids` added to its vocabulary (rows of the text codebook; bias `bias`)."
     m = copy.deepcopy(model)
     new_ids = torch.as_tensor(list(new_ids), dtype=torch.long)
     if not len(new_ids): return m
     cb, b = m.vision.codebook, m.vision.bias
-    rows = token_embeddings.detach()[new_ids].to(cb.device, cb.dtype)
+    rows = text_codebook.detach()[new_ids].to(cb.device, cb.dtype)
     m.vision.codebook = nn.Parameter(torch.cat([cb.detach(), rows]), requires_grad=cb.requires_grad)
     m.vision.bias = nn.Parameter(torch.cat([b.detach(), b.new_full((len(new_ids),), float(bias))]))
     m.vocab_ids = torch.cat([m.vocab_ids, new_ids.to(m.vocab_ids.device)])
@@ -279,7 +279,7 @@ def current_model(self: LexVLAEmbedder) -> LexVLA:
     if self._ext is None or self._ext[0] != self.added:
         b = self.new_word_bias
         b = float(self.model.vision.bias.detach().median()) if b == "median" else float(b)
-        ext = extend_vocabulary(self.model, self.lm.token_embeddings, self.added, b)
+        ext = extend_vocabulary(self.model, lexical_codebook(self.lm), self.added, b)
         self._ext = (list(self.added), ext.eval())
     return self._ext[1]
 
@@ -295,7 +295,7 @@ def set_extension(self: LexVLAEmbedder, texts, kind: str):
     "Extend the vocabulary by the words of `texts` (class names or captions, by `kind`) if the mode says so."
     if self.extend == "all" or (self.extend == "classnames" and kind == "classnames"):
         if self._index is None:
-            n = min(self.lm.vocab_size, self.lm.token_embeddings.shape[0])
+            n = min(self.lm.vocab_size, lexical_codebook(self.lm).shape[0])
             self._index = word_index(self.lm.tokenizer, n)
         self.added, self.missing = vocabulary_extension(texts, self._index, self.model.vocab_ids.cpu())
     else:
@@ -389,9 +389,9 @@ def head_state(model: LexVLA, log_p0: float) -> dict:
     return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "log_p0": float(log_p0)}
 
 # %% ../nbs/33_lexvla.ipynb #30cc28e7
-def lexvla_from_state(sd: dict, vision_dim: int, token_embeddings: torch.Tensor) -> LexVLA:
+def lexvla_from_state(sd: dict, vision_dim: int, text_codebook: torch.Tensor) -> LexVLA:
     "A LexVLA with the vocabulary, adapter, codebook and bias of a saved state dict."
-    m = LexVLA(vision_dim, token_embeddings.detach().cpu(), sd["vocab_ids"], penalty="none",
+    m = LexVLA(vision_dim, text_codebook.detach().cpu(), sd["vocab_ids"], penalty="none",
                hidden=int(sd["vision.mlp.0.weight"].shape[0]))
     m.load_state_dict(sd)
     return m
@@ -402,7 +402,7 @@ def embedder_from_head(head: dict, device=None) -> LexVLAEmbedder:
     p, st = head["params"], head["state"]
     dev = get_device(device)
     venc, lm = load_vision(p["vision"], device=dev), load_lm(p["lm"], device=dev)
-    model = lexvla_from_state(st["model"], venc.dim, lm.token_embeddings).to(dev)
+    model = lexvla_from_state(st["model"], venc.dim, lexical_codebook(lm)).to(dev)
     return LexVLAEmbedder(model, venc, lm, st["log_p0"], grid_pool=p.get("grid_pool", 1),
                           topk=p.get("topk", 64), extend=p.get("extend_vocab", "classnames"),
                           new_word_bias=p.get("new_word_bias", "median"),

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from fastcore.basics import patch
 from .data import Record, load_rgba
 
 # %% auto #0
-__all__ = ['BACKGROUND', 'patch_labels', 'classify_patches', 'confusion', 'patchdis', 'Scene', 'compose_scene', 'stamp_name',
-           'patchdis_set', 'scene_patchdis', 'scene_records']
+__all__ = ['BACKGROUND', 'STAMP_SIDES', 'patch_labels', 'classify_patches', 'confusion', 'patchdis', 'SceneGeometry', 'Scene',
+           'compose_scene', 'check_geometry', 'scene_geometry', 'stamp_name', 'patchdis_set', 'scene_patchdis',
+           'scene_records']
 
 # %% ../nbs/32_patchdis.ipynb #46eca7ea
 BACKGROUND = -1                                      # the label of pixels and patches that show no object
@@ -70,14 +72,53 @@ def patchdis(conf: np.ndarray) -> dict:
     return {"patchdis_miou": float(iou.mean()), "patch_acc": float(tp.sum() / conf.sum()),
             "n_classes": int(present.sum())}
 
+# %% ../nbs/32_patchdis.ipynb #f0012629
+@dataclass(frozen=True)
+class SceneGeometry:
+    "A `view` px scene with `patch` px patches, read by the encoder inside a `side` px image at `offset`."
+    view: int
+    patch: int
+    side: int
+    offset: int = 0
+
+    @property
+    def grid(self) -> int:
+        "Patches per row of the encoder's grid."
+        return self.view // self.patch
+
 # %% ../nbs/32_patchdis.ipynb #586dc710
 @dataclass
 class Scene:
-    "A composed image, its pixel label map [H, W] (-1 background), its patch label grid and its class ids."
+    "A composed image, its pixel label map [H, W] (-1 background), patch label grid, class ids and geometry."
     image: Image.Image
     pixel_labels: np.ndarray
     patch_labels: np.ndarray
     classes: list[int]
+    geometry: SceneGeometry | None = None      # None: the encoder reads `image` itself
+
+# %% ../nbs/32_patchdis.ipynb #d5c243c4
+def _pad(a: np.ndarray, geom: SceneGeometry, fill) -> np.ndarray:
+    "`a` [view, view, ...] at `geom.offset` in a [side, side, ...] array of `fill`."
+    out = np.full((geom.side, geom.side) + a.shape[2:], fill, dtype=a.dtype)
+    o = geom.offset
+    out[o:o + a.shape[0], o:o + a.shape[1]] = a
+    return out
+
+# %% ../nbs/32_patchdis.ipynb #bb8ad05d
+@patch
+def padded(self: Scene) -> Image.Image:
+    "The image to hand the encoder: the scene on a white `geometry.side` px canvas (or the scene itself)."
+    g = self.geometry
+    if g is None or (g.side == self.image.width and g.offset == 0): return self.image
+    return Image.fromarray(_pad(np.asarray(self.image.convert("RGB")), g, 255))
+
+# %% ../nbs/32_patchdis.ipynb #41159736
+@patch
+def padded_labels(self: Scene) -> np.ndarray:
+    "The label map of `padded()`: the scene's labels, background around them."
+    g = self.geometry
+    if g is None or (g.side == self.pixel_labels.shape[0] and g.offset == 0): return self.pixel_labels
+    return _pad(self.pixel_labels, g, BACKGROUND)
 
 # %% ../nbs/32_patchdis.ipynb #b9d04d86
 def _placement(lab: np.ndarray, m: np.ndarray, canvas: int, max_overlap: float, rng: np.random.Generator,
@@ -92,11 +133,16 @@ def _placement(lab: np.ndarray, m: np.ndarray, canvas: int, max_overlap: float, 
         if not hidden or max(hidden) <= max_overlap: break
     return x, y
 
+# %% ../nbs/32_patchdis.ipynb #57fb9688
+STAMP_SIDES = (80, 130)      # the largest side of a pasted stamp, px, drawn in this range on a 224 px scene
+
 # %% ../nbs/32_patchdis.ipynb #6ed26726
 def compose_scene(cutouts: Sequence[Image.Image], labels: Sequence[int], canvas: int = 224, patch: int = 14,
-                  size_range: tuple[int, int] = (80, 130), max_overlap: float = 0.25,
-                  alpha_threshold: int = 128, rng: np.random.Generator | int = 0, tries: int = 50) -> Scene:
+                  size_range: tuple[int, int] = STAMP_SIDES, max_overlap: float = 0.25,
+                  alpha_threshold: int = 128, rng: np.random.Generator | int = 0, tries: int = 50,
+                  geometry: SceneGeometry | None = None) -> Scene:
     "Paste RGBA `cutouts` (with class `labels`) onto a white canvas; exact pixel and patch labels."
+    if geometry is not None: canvas, patch = geometry.view, geometry.patch
     if len(cutouts) != len(labels) or not cutouts:
         raise ValueError("compose_scene: need as many labels as cut-outs (at least one)")
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
@@ -114,7 +160,53 @@ def compose_scene(cutouts: Sequence[Image.Image], labels: Sequence[int], canvas:
         img.alpha_composite(cut, (x, y))
         lab[y:y + cut.height, x:x + cut.width][m] = c
     classes = sorted(set(int(v) for v in np.unique(lab) if v != BACKGROUND))
-    return Scene(img.convert("RGB"), lab, patch_labels(lab, patch), classes)
+    return Scene(img.convert("RGB"), lab, patch_labels(lab, patch), classes, geometry)
+
+# %% ../nbs/32_patchdis.ipynb #36ecb9cb
+def _square_side(size, what: str) -> int:
+    "The side of a square image after a processor's resize / crop `size` (refused if not square)."
+    if isinstance(size, int): return size
+    get = size.get if hasattr(size, "get") else (lambda k: getattr(size, k, None))
+    if get("shortest_edge"): return int(get("shortest_edge"))
+    h, w = get("height"), get("width")
+    if h and h == w: return int(h)
+    raise ValueError(f"scene_geometry: the processor's {what} {size!r} does not map a square image to a square")
+
+# %% ../nbs/32_patchdis.ipynb #2533baf6
+def check_geometry(vision, geom: SceneGeometry, seed: int = 0, tol: float = 1e-4):
+    "Raise unless `vision.preprocess` maps a padded `geom` scene onto exactly its pixels (a probe image)."
+    g, v = geom.grid, geom.view
+    cells = np.random.default_rng(seed).integers(0, 256, (g, g, 3)).astype(np.uint8)
+    probe = np.kron(cells, np.ones((geom.patch, geom.patch, 1), np.uint8))            # one colour per patch
+    x = vision.preprocess([Image.fromarray(_pad(probe, geom, 255))])[0].double().numpy()
+    if x.shape != (3, v, v):
+        raise ValueError(f"scene_geometry: a {geom.side} px scene reaches the model as {tuple(x.shape[1:])}, "
+                         f"not {v}x{v}")
+    for c in range(3):
+        A = np.stack([probe[..., c].ravel().astype(np.float64), np.ones(v * v)], 1)
+        coef = np.linalg.lstsq(A, x[c].ravel(), rcond=None)[0]
+        err = float(np.abs(A @ coef - x[c].ravel()).max())
+        if err > tol * max(1.0, float(np.abs(x[c]).max())):
+            raise ValueError(f"scene_geometry: the pixels the model sees are not the scene's (error {err:.3g} "
+                             f"in channel {c}) for {geom}: a preprocessing this geometry does not model")
+
+# %% ../nbs/32_patchdis.ipynb #d5f7422a
+def scene_geometry(vision, check: bool = True) -> SceneGeometry:
+    "The patch size, input side and padded side of scenes that `vision`'s preprocessing maps onto its input."
+    patch, side = int(vision.patch_size), int(vision.image_size)
+    proc = getattr(vision, "processor", None)
+    resize = crop = None
+    if proc is not None and getattr(proc, "do_resize", False): resize = _square_side(proc.size, "size")
+    if proc is not None and getattr(proc, "do_center_crop", False):
+        crop = _square_side(proc.crop_size, "crop_size")
+    view = crop or resize or side
+    padded = resize or view
+    if padded < view: raise ValueError(f"scene_geometry: a {view} px crop of a {padded} px resize")
+    if view % patch:
+        raise ValueError(f"scene_geometry: input side {view} is not a multiple of the patch size {patch}")
+    geom = SceneGeometry(view, patch, padded, (padded - view) // 2)
+    if check: check_geometry(vision, geom)
+    return geom
 
 # %% ../nbs/32_patchdis.ipynb #7c704aa9
 def stamp_name(record_id: str) -> str | None:
@@ -125,9 +217,13 @@ def stamp_name(record_id: str) -> str | None:
     return " ".join(words) if 1 <= len(words) <= 2 else None
 
 # %% ../nbs/32_patchdis.ipynb #d8c0ec6e
-def patchdis_set(records, n_scenes: int = 64, per_scene: tuple[int, int] = (2, 4), seed: int = 0,
+def patchdis_set(records, n_scenes: int = 64, per_scene: tuple[int, int] = (2, 4), seed: int = 0, vision=None,
                  **compose_kw):
-    "Compose `n_scenes` patch-labelled scenes from Tux Paint records; returns (scenes, class_names)."
+    "Compose `n_scenes` patch-labelled scenes from Tux Paint records (in `vision`'s geometry); (scenes, names)."
+    if vision is not None:
+        geom = scene_geometry(vision)
+        compose_kw.setdefault("size_range", tuple(round(s * geom.view / 224) for s in STAMP_SIDES))
+        compose_kw["geometry"] = geom
     by_name: dict[str, list] = {}
     for r in records:
         nm = stamp_name(r.id)
@@ -160,8 +256,8 @@ def scene_patchdis(patch_vecs: Sequence[torch.Tensor], class_vecs: torch.Tensor,
     conf = np.zeros((C, C), dtype=np.int64)
     for pv, sc in zip(patch_vecs, scenes):
         if pv.shape[0] != sc.patch_labels.size:
-            raise ValueError(f"scene_patchdis: {pv.shape[0]} patch vectors for a "
-                             f"{sc.patch_labels.shape} grid")
+            raise ValueError(f"scene_patchdis: {pv.shape[0]} patch vectors for a {sc.patch_labels.shape} "
+                             "grid (compose the scenes in the encoder's geometry: patchdis_set(vision=...))")
         cand = sc.classes if candidates == "image" else None
         pred = classify_patches(pv, class_vecs, cand, cosine=cosine).numpy()
         conf += confusion(pred, sc.patch_labels, C)
@@ -169,15 +265,17 @@ def scene_patchdis(patch_vecs: Sequence[torch.Tensor], class_vecs: torch.Tensor,
 
 # %% ../nbs/32_patchdis.ipynb #32363dc2
 def scene_records(scenes: Sequence[Scene], names: Sequence[str], folder) -> list:
-    "Write scenes as PNGs (+ label maps .npy) under `folder` (kept if present); one `Record` per scene."
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    "Write the images the encoder reads (+ .npy label maps) under `folder` (kept if unchanged); `Record`s."
     recs = []
     for i, s in enumerate(scenes):
-        p = folder / f"scene{i:04d}.png"
-        if not p.exists(): s.image.save(p)
-        labels = folder / f"scene{i:04d}.npy"
-        if not labels.exists(): np.save(labels, s.pixel_labels)
+        g = s.geometry
+        sub = Path(folder) if g is None or g.side == g.view else Path(folder) / f"side{g.side}-at{g.offset}"
+        sub.mkdir(parents=True, exist_ok=True)
+        p, labels = sub / f"scene{i:04d}.png", sub / f"scene{i:04d}.npy"
+        img, lab = s.padded(), s.padded_labels()
+        if not p.exists() or not np.array_equal(np.asarray(Image.open(p).convert("RGB")), np.asarray(img)):
+            img.save(p)
+        if not labels.exists() or not np.array_equal(np.load(labels), lab): np.save(labels, lab)
         caption = " and ".join(names[c] for c in s.classes)
         recs.append(Record(f"patchdis/scene{i:04d}", str(p), [caption], None, "patchdis"))
     return recs
