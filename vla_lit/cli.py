@@ -4,7 +4,7 @@
 
 # %% ../nbs/52_cli.ipynb #56747be0
 from __future__ import annotations
-import sys, time, argparse
+import sys, time, signal, argparse
 import yaml
 from pathlib import Path
 from .sweep import EXECUTORS, SweepError, run_sweep, run_notebook_child, _repo_root
@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/52_cli.ipynb #01259beb
 def _cmd_sweep(a: argparse.Namespace) -> int:
-    "`vla_lit sweep`: run, collect (unless `--no-collect`), list the failed runs; 1 when one failed."
+    "`vla_lit sweep`: run, collect (unless `--no-collect`), list the failed and busy runs; 1 when there is one."
     executor, slurm = _slurm_args(a)
     res = run_sweep(a.config, out_root=a.out, jobs=a.jobs, device=a.device, smoke=a.smoke, only=a.only,
                     force=a.force, demo=a.demo, rehearse=a.rehearse, executor=executor, slurm=slurm)
@@ -149,9 +149,12 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
         print(f"table: {Path(res.attrs['sweep_dir'])/'results.md'}")
         for pth in t.attrs["plots"]:
             print(f"plot:  {pth}")
-    bad = res[res.status.isin(["failed", "interrupted"])]
+    bad = res[res.status.isin(["failed", "interrupted", "busy"])]
     for rid, r in bad.iterrows():
-        print(f"FAILED {rid}: {r.error}  (see {Path(r.dir)/'run.ipynb'})", file=sys.stderr)
+        if r.status == "busy":
+            print(f"BUSY {rid}: {r.error}", file=sys.stderr)
+        else:
+            print(f"FAILED {rid}: {r.error}  (see {Path(r.dir)/'run.ipynb'})", file=sys.stderr)
     return 1 if len(bad) else 0
 
 # %% ../nbs/52_cli.ipynb #e6670f3c
@@ -200,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, FileNotFoundError, BadInputError) as e:
         print(f"vla_lit {a.cmd}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vla_lit {a.cmd}: interrupted; the finished runs are kept, "
+    except KeyboardInterrupt as e:
+        why = str(e) if str(e) in ("SIGTERM", "SIGHUP") else "SIGINT"   # the runner's SIGTERM/SIGHUP name it
+        print(f"vla_lit {a.cmd}: interrupted ({why}); the finished runs are kept, "
               f"run the same command again to resume", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(signal, why))
     return 0
 
 # %% ../nbs/52_cli.ipynb #f2fbe00a

@@ -5,7 +5,7 @@
 # %% ../nbs/50_sweep.ipynb #3166e845
 from __future__ import annotations
 import os, sys, re, ast, json, math, time, copy, queue, signal, shutil, hashlib, fnmatch, functools
-import datetime, itertools, platform, threading, subprocess
+import ctypes, datetime, fcntl, itertools, platform, threading, subprocess, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,13 @@ class SweepError(ValueError):
 
 # %% ../nbs/50_sweep.ipynb #03dfbbcb
 class _SweepLoader(yaml.SafeLoader):
-    "YAML SafeLoader that also reads `1e-3` / `5E4` as floats (YAML 1.1 insists on `1.0e-3`)."
+    """YAML SafeLoader with two YAML 1.2 rules: `1e-3` / `5E4` are floats (YAML 1.1 insists on `1.0e-3`), and
+    only true/false are booleans (YAML 1.1 also reads yes/no/on/off as booleans)."""
 
+_BOOL = "tag:yaml.org,2002:bool"
+_SweepLoader.yaml_implicit_resolvers = {c: [(t, rx) for t, rx in rs if t != _BOOL]
+                                        for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SweepLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
@@ -557,15 +562,28 @@ def _kernel_env(env: dict | None = None) -> dict:
     env["JUPYTER_PATH"] = os.pathsep.join([own] + rest)
     return env
 
+# %% ../nbs/50_sweep.ipynb #b5064eeb
+def _kernel_start_failure(e: BaseException) -> bool:
+    "Whether papermill failed before any cell ran because the kernel never answered its start-up handshake."
+    return isinstance(e, RuntimeError) and "Kernel didn't respond" in str(e)
+
 # %% ../nbs/50_sweep.ipynb #d93e01c2
 def _execute_notebook(nb, out_path, parameters: dict, cwd, log: bool = True) -> None:
-    "papermill with this venv's python3 kernel, the cells' output streamed to the log."
+    """papermill with this venv's python3 kernel, the cells' output streamed to the log. A kernel that does not
+    start (no cell has run) is started once more: on a loaded machine, kernels started side by side
+    occasionally miss their start-up handshake."""
     import papermill as pm, logging   # lazy (see the imports cell)
     if log and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     os.environ.update(_kernel_env())
-    pm.execute_notebook(nb, str(out_path), parameters=parameters, kernel_name="python3", progress_bar=False,
-                        log_output=log, cwd=str(cwd), start_timeout=300)
+    run = lambda: pm.execute_notebook(nb, str(out_path), parameters=parameters, kernel_name="python3",
+                                      progress_bar=False, log_output=log, cwd=str(cwd), start_timeout=300)
+    try:
+        run()
+    except RuntimeError as e:
+        if not _kernel_start_failure(e): raise
+        print(f"the notebook's kernel did not start ({e}); starting it once more", file=sys.stderr)
+        run()
 
 # %% ../nbs/50_sweep.ipynb #359befb4
 def _sigterm_to_interrupt(*_):
@@ -603,8 +621,9 @@ def _child_main(argv: list[str] | None = None) -> None:
     sys.exit(run_notebook_child(argv[1]))
 
 # %% ../nbs/50_sweep.ipynb #f3454ce7
-_LIVE: dict[int, subprocess.Popen] = {}      # running child processes, killed on Ctrl-C
-_STOP = threading.Event()
+_LIVE: dict[int, subprocess.Popen] = {}      # running child processes, killed when the sweep stops
+_STOP = threading.Event()                    # set when the sweep stops (Ctrl-C, SIGTERM, SIGHUP)
+_STOP.why = "Ctrl-C"                          # what stopped it, for the run records
 
 # %% ../nbs/50_sweep.ipynb #ee8e5e3c
 def _kill(p: subprocess.Popen, grace: float = 10.0) -> None:
@@ -619,6 +638,95 @@ def _kill(p: subprocess.Popen, grace: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
+
+# %% ../nbs/50_sweep.ipynb #cf133ecf
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+def _die_with_parent() -> None:
+    "In a run's process before its exec (Linux): have the kernel send it SIGTERM when its parent thread ends."
+    _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+_DIE_WITH_PARENT = _die_with_parent if _LIBC is not None else None   # the `preexec_fn` of a run's process
+
+# %% ../nbs/50_sweep.ipynb #75ba0a37
+def _lock_run(d: Path, wait: float = 0.0) -> int | None:
+    """An exclusive lock on run folder `d` (`flock` on `d/.lock`, waiting up to `wait` s): its open file, held
+    until every process that has it closes it or ends; None while another holds it."""
+    fd = os.open(d/".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    t0 = time.time()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() - t0 >= wait:
+                os.close(fd)
+                return None
+            time.sleep(0.2)
+        except OSError as e:   # a file system without locks: run, and say that nothing guards the folder
+            warnings.warn(f"{d}: cannot lock the run folder ({e}); nothing keeps a second runner out of it")
+            return fd
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {platform.node()} since {_now()}\n".encode())
+    return fd
+
+# %% ../nbs/50_sweep.ipynb #01da3cf0
+def _pid_alive(pid: int) -> bool:
+    "Whether process `pid` exists on this host (`os.kill(pid, 0)`; another user's process counts)."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+# %% ../nbs/50_sweep.ipynb #486483c0
+def _proc_run_dir(pid) -> str | None:
+    "The run folder that process `pid` executes (`_run_notebook DIR` in its /proc command line), else None."
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+    if "_run_notebook" not in args[:-1]: return None
+    return os.path.realpath(os.path.join(cwd, args[args.index("_run_notebook") + 1]))
+
+# %% ../nbs/50_sweep.ipynb #7db73957
+def _live_pid(d: Path) -> int | None:
+    """A live process of this host that executes run folder `d`: the pid its status.json records (`os.kill(pid,
+    0)`, and its command line where /proc shows it), else any /proc shows; None when there is none."""
+    st = _read_json(d/"status.json") or {}
+    if st.get("host") not in (None, platform.node()): return None    # another host's process: the lock decides
+    want, pid, proc = os.path.realpath(d), st.get("pid"), Path("/proc/self").exists()
+    if isinstance(pid, int) and _pid_alive(pid) and (not proc or _proc_run_dir(pid) == want): return pid
+    if not proc: return None
+    live = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _proc_run_dir(p.name) == want)
+    return next(live, None)
+
+# %% ../nbs/50_sweep.ipynb #ff30708f
+def _claim(d: Path) -> tuple:
+    """Lock run folder `d` for this runner: (lock, None), else (None, a `busy` status) while another process
+    executes it. The lock of a run whose runner died (the run is stopping: `_die_with_parent`) is waited for."""
+    d.mkdir(parents=True, exist_ok=True)
+    st = _read_json(d/"status.json") or {}
+    rp = st.get("runner_pid")
+    orphan = st.get("status") == "running" and st.get("host") == platform.node() and isinstance(rp, int)
+    lock = _lock_run(d, wait=15.0 if orphan and not _pid_alive(rp) else 0.0)
+    if lock is None:
+        holder = (d/".lock").read_text().strip() if (d/".lock").exists() else "?"
+        return None, _busy(d, f"another process holds its lock ({holder}): another runner executes it")
+    pid = _live_pid(d)
+    if pid is None: return lock, None
+    os.close(lock)
+    return None, _busy(d, f"process {pid} on this host still executes it (left by an earlier runner): "
+                          f"wait for it or stop it, then run the sweep again")
+
+# %% ../nbs/50_sweep.ipynb #8c667ade
+def _busy(d: Path, why: str) -> dict:
+    "The status of a run left alone because another process executes its folder (written nowhere)."
+    return dict(status="busy", wall_s=0.0, error=f"not run: {why} (run folder {d})")
 
 # %% ../nbs/50_sweep.ipynb #a13fe557
 def launch_command(run_dir: str | Path, launcher: dict | None = None) -> list[str]:
@@ -635,12 +743,28 @@ def launch_command(run_dir: str | Path, launcher: dict | None = None) -> list[st
         elif v not in (False, None): cmd.append(f"--{k}={v}")
     return cmd + ["--no-python"] + child
 
+# %% ../nbs/50_sweep.ipynb #6e085915
+_JSON_KIND = {str: "a string", list: "a list", dict: "an object", type(None): "null"}
+
+def _metrics_problem(metrics) -> str | None:
+    "Why `metrics` (a run's metrics.json) is no result: missing, no object, a NaN or a non-number; else None."
+    if metrics is None: return "the notebook ran through but wrote no metrics.json to out_dir"
+    if not isinstance(metrics, dict):
+        return f"metrics.json must hold a JSON object of numbers, got {type(metrics).__name__}"
+    bad = []
+    for k, v in metrics.items():
+        if isinstance(v, float) and math.isnan(v): bad.append(f"key {k!r} is NaN")
+        elif not isinstance(v, (int, float)):
+            shown = "" if v is None else " " + json.dumps(v, default=str)[:60]
+            bad.append(f"key {k!r} is {_JSON_KIND.get(type(v), type(v).__name__)}{shown}, not a number")
+    return "metrics.json: " + "; ".join(bad) if bad else None
+
 # %% ../nbs/50_sweep.ipynb #ce12bb49
 def is_finished(run_dir: str | Path, params: dict | None = None) -> bool:
-    "Finished: status ok, metrics.json a JSON object, and (if given) params.json equal to `params`."
+    "Finished: status ok, metrics.json an object of numbers (no NaN), and (if given) params.json = `params`."
     d = Path(run_dir)
     st = _read_json(d/"status.json") or {}
-    if st.get("status") != "ok" or not isinstance(_read_json(d/"metrics.json"), dict): return False
+    if st.get("status") != "ok" or _metrics_problem(_read_json(d/"metrics.json")) is not None: return False
     return params is None or _read_json(d/"params.json") == json.loads(json.dumps(params, default=str))
 
 # %% ../nbs/50_sweep.ipynb #bdc8465e
@@ -667,17 +791,28 @@ def _start_record(run: Run, d: Path, notebook, device, sweep_name, smoke, defaul
     _write_json(d/"status.json", st)
     return st
 
-# %% ../nbs/50_sweep.ipynb #538f4f6d
-def _wait_run(run: Run, d: Path, device, timeout) -> tuple:
-    "Start the run's process (own session, output in log.txt), wait; returns (returncode, timeout reason)."
+# %% ../nbs/50_sweep.ipynb #b1cfdb69
+def _spawn(run: Run, d: Path, device, log, lock: int | None = None) -> subprocess.Popen:
+    """A run's process, output into `log`: in a session of its own, sent SIGTERM when the thread that starts it
+    ends (`_die_with_parent`), holding the run folder's `lock` too."""
     env = {**_kernel_env(), "PYTHONUNBUFFERED": "1"}
     if device: env["VLA_LIT_DEVICE"] = device
+    return subprocess.Popen(launch_command(d.resolve(), run.launcher), stdout=log, stderr=subprocess.STDOUT,
+                            env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_DIE_WITH_PARENT, pass_fds=() if lock is None else (lock,))
+
+# %% ../nbs/50_sweep.ipynb #538f4f6d
+def _wait_run(run: Run, d: Path, device, timeout, lock: int | None = None, record: dict | None = None) -> tuple:
+    """Start the run's process (`_spawn`), write its pid and host into `record` (status.json), wait; returns
+    (returncode, timeout reason)."""
     rc, reason = None, None
     with open(d/"log.txt", "w") as log:
-        p = subprocess.Popen(launch_command(d, run.launcher), stdout=log, stderr=subprocess.STDOUT, env=env,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = _spawn(run, d, device, log, lock)
         _LIVE[p.pid] = p
         try:
+            if record is not None:
+                record.update(pid=p.pid, host=platform.node())
+                _write_json(d/"status.json", record)
             if _STOP.is_set():
                 _kill(p)
             rc = p.wait(timeout=timeout)
@@ -701,20 +836,19 @@ def _run_error(run: Run, d: Path, rc, reason, metrics) -> tuple:
     if errs:
         rank = f"rank {errs[0]['rank']}: " if run.launcher else ""
         return rank + errs[0]["error"], errs[0].get("traceback"), cell
-    if rc == 0 and metrics is None:
-        return "the notebook ran through but wrote no metrics.json to out_dir", None, cell
-    if rc == 0:
-        return f"metrics.json must hold a JSON object of numbers, got {type(metrics).__name__}", None, cell
+    if rc == 0 and metrics is None and (d/"metrics.json").exists():
+        return "metrics.json is not valid JSON (see the run's last cell)", None, cell
+    if rc == 0: return _metrics_problem(metrics), None, cell
     tail = (d/"log.txt").read_text(errors="replace").splitlines()[-15:]
     return f"the run's process exited with code {rc}", "\n".join(tail), cell
 
 # %% ../nbs/50_sweep.ipynb #8db0b4e3
 def _judge(st: dict, run: Run, d: Path, rc, reason) -> dict:
-    "Update a run's status: `interrupted` after Ctrl-C, `ok` with a metrics.json object, else `failed`."
+    "A run's status: `interrupted` if the sweep stopped, `ok` with a metrics.json of numbers, else `failed`."
     metrics = _read_json(d/"metrics.json")
     if _STOP.is_set():
-        st.update(status="interrupted", error="interrupted (Ctrl-C); run the sweep again to resume")
-    elif rc == 0 and reason is None and isinstance(metrics, dict):
+        st.update(status="interrupted", error=f"interrupted ({_STOP.why}); run the sweep again to resume")
+    elif rc == 0 and reason is None and _metrics_problem(metrics) is None:
         st.update(status="ok", error=None)
         shutil.rmtree(d/"ranks", ignore_errors=True)
     else:
@@ -726,15 +860,49 @@ def _judge(st: dict, run: Run, d: Path, rc, reason) -> dict:
 def execute_run(run: Run, run_dir: str | Path, notebook: str | Path, device: str | None = None,
                 timeout: float | None = None, sweep_name: str = "", smoke: bool = False,
                 defaults: dict | None = None) -> dict:
-    "Execute one run into `run_dir` (fresh process; torchrun if asked); writes and returns its status."
+    """Execute one run into `run_dir` (fresh process; torchrun if asked) under the folder's lock; writes and
+    returns its status (`busy`, written nowhere, while another process executes the folder)."""
     d = Path(run_dir)
-    st = _start_record(run, d, notebook, device, sweep_name, smoke, defaults)
-    t0 = time.time()
-    rc, reason = _wait_run(run, d, device, timeout)
-    st.update(wall_s=round(time.time() - t0, 3), finished=_now(), returncode=rc, device=device,
-              launcher=run.launcher)
-    _write_json(d/"status.json", _judge(st, run, d, rc, reason))
+    lock, busy = _claim(d)
+    if busy: return busy
+    try:
+        prev = _read_json(d/"status.json") or {}
+        st = _start_record(run, d, notebook, device, sweep_name, smoke, defaults)
+        if prev.get("status") == "running":
+            st["note"] = (f"run again: its earlier `running` record (pid {prev.get('pid')}, started "
+                          f"{prev.get('started')}) had no process left and no complete result")
+        t0 = time.time()
+        rc, reason = _wait_run(run, d, device, timeout, lock, st)
+        st.update(wall_s=round(time.time() - t0, 3), finished=_now(), returncode=rc, device=device,
+                  launcher=run.launcher)
+        _write_json(d/"status.json", _judge(st, run, d, rc, reason))
+    finally:
+        os.close(lock)
     return st
+
+# %% ../nbs/50_sweep.ipynb #96b8ae2d
+def _adopt(d: Path, params: dict) -> str | None:
+    """Record as `ok` a run left `running` by a runner that died, whose process is gone and whose metrics.json
+    is complete and valid (its parameters the sweep's); returns the note it records, else None (no change)."""
+    st = _read_json(d/"status.json") or {}
+    if st.get("status") != "running" or st.get("executor") or st.get("host") != platform.node(): return None
+    if (d/"error.json").exists() or _metrics_problem(_read_json(d/"metrics.json")) is not None: return None
+    if _read_json(d/"params.json") != json.loads(json.dumps(params, default=str)): return None
+    lock = _lock_run(d)
+    if lock is None: return None
+    try:
+        if _live_pid(d) is not None: return None
+        done = (d/"metrics.json").stat().st_mtime
+        began = datetime.datetime.fromisoformat(st["started"]).timestamp() if st.get("started") else done
+        note = (f"adopted: its runner (pid {st.get('runner_pid')}) ended before recording it; its process (pid "
+                f"{st.get('pid')}) had ended and left a complete metrics.json")
+        finished = datetime.datetime.fromtimestamp(done, datetime.timezone.utc).isoformat(timespec="seconds")
+        st.update(status="ok", error=None, adopted=note, wall_s=round(max(done - began, 0.0), 3),
+                  finished=finished)
+        _write_json(d/"status.json", st)
+        return note
+    finally:
+        os.close(lock)
 
 # %% ../nbs/50_sweep.ipynb #12d36ac7
 def _job_params(kind: str, opts: dict, run: Run, timeout, name: str = "") -> dict:
@@ -770,7 +938,7 @@ def run_job(run_dir: str | Path, run: Run, device: str | None = None, timeout: f
     _write_json(d/"status.json", st)
     t0 = time.time()
     try:
-        rc, reason = _wait_run(run, d, device, timeout)
+        rc, reason = _wait_run(run, d, device, timeout, record=st)   # its pid and host go into status.json
     except KeyboardInterrupt:
         rc, reason = (
             None,
@@ -834,7 +1002,7 @@ def _await_job(run: Run, d: Path, job, kind: str) -> dict:
     st = _read_json(d/"status.json") or {}
     if _STOP.is_set():
         st.update(status="interrupted",
-                  error="interrupted (Ctrl-C), its job cancelled; run the sweep again to resume")
+                  error=f"interrupted ({_STOP.why}), its job cancelled; run the sweep again to resume")
     elif st.get("status") in (None, "running"):
         tail = (d/"log.txt").read_text(errors="replace").splitlines()[-15:] if (d/"log.txt").exists() else []
         st.update(
@@ -950,6 +1118,40 @@ def _work(r: Run, free: queue.Queue, sdir: Path, sweep: dict, smoke: bool, defau
     finally:
         free.put(dev)
 
+# %% ../nbs/50_sweep.ipynb #c26fbbb2
+class _Terminated(KeyboardInterrupt):
+    "SIGTERM or SIGHUP in the runner: stops the sweep as Ctrl-C does; its message names the signal."
+
+# %% ../nbs/50_sweep.ipynb #2ff90cd1
+def _on_signal(signum, frame) -> None:
+    """Handler of SIGINT, SIGTERM and SIGHUP while a sweep runs: the first stops the sweep (raised in the main
+    thread: KeyboardInterrupt, `_Terminated` for SIGTERM/SIGHUP); later ones let the stopping finish."""
+    if _STOP.is_set(): return
+    _STOP.why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    _STOP.set()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(_STOP.why)
+
+# %% ../nbs/50_sweep.ipynb #db58330c
+def _catch_signals() -> dict:
+    "Point SIGINT, SIGTERM, SIGHUP (unless ignored) at `_on_signal`, in the main thread; returns the old ones."
+    if threading.current_thread() is not threading.main_thread(): return {}
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    return {s: signal.signal(s, _on_signal) for s in sigs if signal.getsignal(s) is not signal.SIG_IGN}
+
+# %% ../nbs/50_sweep.ipynb #af7f98fa
+def _kill_all(procs: list, grace: float = 5.0) -> None:
+    "SIGTERM the process groups of all `procs` at once; SIGKILL those left after `grace` seconds."
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        t0 = time.time()
+        while any(p.poll() is None for p in procs) and time.time() - t0 < grace:
+            time.sleep(0.1)
+
 # %% ../nbs/50_sweep.ipynb #db01d7b0
 def _report(bar, rows: dict, r: Run, st: dict, progress: bool) -> None:
     "Record a finished run in `rows`, advance the progress bar, print the run's status line."
@@ -957,32 +1159,49 @@ def _report(bar, rows: dict, r: Run, st: dict, progress: bool) -> None:
     bar.update(1)
     bar.set_postfix(failed=sum(v["status"] != "ok" for k, v in rows.items() if v["status"] != "skipped"))
     if not progress: return
-    err = f"  {str(st.get('error')).splitlines()[0][:160]}" if st["status"] != "ok" else ""
+    msg = st.get("error") if st["status"] != "ok" else st.get("note")
+    err = f"  {str(msg).splitlines()[0][:160]}" if st["status"] != "ok" or msg else ""
     bar.write(f"  {st['status']:6s} {r.id}  ({st.get('wall_s', 0):.1f} s)" + err)
 
 # %% ../nbs/50_sweep.ipynb #8b8966dc
 def _run_all(todo: list[Run], work, rows: dict, jobs: int, name: str, progress: bool) -> None:
-    """Run `work` on every run of `todo`, `jobs` at a time, into `rows`; Ctrl-C kills the running ones
-    (cancels their jobs)."""
+    """Run `work` on every run of `todo`, `jobs` at a time, into `rows`; Ctrl-C, SIGTERM or SIGHUP stop the
+    running ones (their process groups, their jobs) and are raised as KeyboardInterrupt."""
     from tqdm import tqdm   # lazy (see the imports cell)
     _STOP.clear()
+    _STOP.why = "Ctrl-C"
     bar = tqdm(total=len(todo), desc=name, unit="run", disable=not progress or not todo)
     ex = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(todo) or 1)))
+    old = _catch_signals()
     try:
         futs = [ex.submit(work, r) for r in todo]
         for f in as_completed(futs):
             r, st = f.result()
             _report(bar, rows, r, st, progress)
     except KeyboardInterrupt:
-        _STOP.set()
-        for p in list(_LIVE.values()):
-            _kill(p, grace=5)
+        _STOP.set()                  # already set by `_on_signal`: later signals let the stopping finish
+        _kill_all(list(_LIVE.values()), grace=5)
         for j in list(_JOBS.values()):
             j.cancel(check=False)
         raise
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
-        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        try:
+            bar.close()
+        except OSError:              # a terminal gone with SIGHUP
+            pass
+
+# %% ../nbs/50_sweep.ipynb #a9a954dc
+def _todo(runs: list[Run], sdir: Path, force: bool, say) -> list[Run]:
+    """The runs to execute: the unfinished ones (all with `force`), after adopting those whose runner died
+    before recording them (`_adopt`; `say` tells)."""
+    if force: return list(runs)
+    for r in runs:
+        note = _adopt(sdir/r.id, r.params)
+        if note: say(f"  {r.id}: {note}")
+    return [r for r in runs if not is_finished(sdir/r.id, r.params)]
 
 # %% ../nbs/50_sweep.ipynb #2f9b30fb
 def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: int | None = None,
@@ -998,7 +1217,7 @@ def run_sweep(config: str | Path | dict, out_root: str | Path = "runs", jobs: in
                                                  demo, rehearse)
     kind, opts = _resolve_executor(sweep, runs, executor, slurm)
     smoke = smoke or rehearse
-    todo = [r for r in runs if force or not is_finished(sdir/r.id, r.params)]
+    todo = _todo(runs, sdir, force, print if progress else lambda s: None)
     earlier = {r.id: (_read_json(sdir/r.id/"status.json") or {}).get("wall_s")
                for r in runs if r not in todo}
     rows = {rid: dict(status="skipped", wall_s=w, error=None) for rid, w in earlier.items()}
