@@ -1,6 +1,7 @@
 """A finished VLAP run is scored again on a new COCO-format caption file from its saved head, without
 retraining: `vla_lit.evaluate.score_run` rebuilds the embedder (`vla_lit.vlap.embedder_from_head`) and gives the
-numbers the run itself computed on that set (embedded models, a few training steps, no captioning loss)."""
+numbers the run itself computed on that set (embedded models, a few training steps, no captioning loss).
+A run with an encoder-decoder LM (a tiny random T5 folder) trains the captioning loss through T5 and captions."""
 import json, subprocess, sys
 from pathlib import Path
 
@@ -68,3 +69,42 @@ def test_head_rebuilds_the_assignment_space(trained_run):
     got = evaluate(asg, eval_sets([spec]), verbose=False)
     keys = [f"shapes_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert {k: got[k] for k in keys} == {k: metrics[f"asg_{k}"] for k in keys}
+
+
+def _tiny_t5_folder(d: Path) -> Path:
+    """A tiny RANDOM T5 (tests only) saved as a hub folder, with the tiny LMs' tokenizer: what `load_lm` and
+    `vla_lit.vlap.load_captioner` read for an encoder-decoder LM such as t5-base."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    from vla_lit.models import _smollm2_tokenizer
+    tok = _smollm2_tokenizer()
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        T5ForConditionalGeneration(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_t5_run_trains_the_captioning_loss_and_captions(tmp_path):
+    """The official code's default LM is T5: a run whose `lm_name` is an encoder-decoder folder trains the
+    captioning term through the full model (the encoder reading [visual prefix; prompt], the caption as decoder
+    labels), captions the evaluation images, and its head scores again from the folder's name."""
+    t5 = _tiny_t5_folder(tmp_path / "tiny-random-t5")
+    out = tmp_path / "run"
+    params = ["-p", "vision", "tiny-random-dinov2", "-p", "lm_name", str(t5),
+              "-p", "train_data", "tuxpaint?split=train&limit=16", "-p", "steps", "3", "-p", "batch_size", "4",
+              "-p", "n_caption_eval", "2", "-p", "max_new_tokens", "3", "-p", "show", "False", "-p", "seed", "0",
+              "-p", "device", "cpu", "-y", json.dumps({"eval_data": ["tuxpaint?split=test&task=retrieval&limit=4"]})]
+    subprocess.run([str(PAPERMILL), "-k", "python3", str(ROOT / "nbs/experiments/vlap_train.ipynb"),
+                    str(tmp_path / "run.ipynb"), "-p", "out_dir", str(out), *params],
+                   check=True, capture_output=True, cwd=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_caption"] > 0 and metrics["tuxpaint_test_n_captioned"] == 2.0
+    caps = json.loads((out / "captions.json").read_text())["tuxpaint_test"]
+    assert len(caps) == 2 and all(isinstance(v["pred"], str) for v in caps.values())
+    got = score_run(out, ["tuxpaint?split=test&task=retrieval&limit=4"], device="cpu")
+    keys = [f"tuxpaint_test_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert {k: got[k] for k in keys} == {k: metrics[k] for k in keys}

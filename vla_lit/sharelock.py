@@ -4,11 +4,15 @@
 
 # %% ../nbs/10_sharelock.ipynb #e37bd06f
 from __future__ import annotations
-import math, re
+import contextlib, math, pickle, re
+from pathlib import Path
 from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
 from fastcore.basics import patch
 from .core import RunConfig, seed_everything, get_device
 from .models import LanguageModel, fingerprint, freeze, load_vision, load_lm
@@ -18,9 +22,11 @@ from .metrics import zero_shot_classifier, zero_shot_scores
 from .features import FeatureCache, extract_features, extract_text_features
 
 # %% auto #0
-__all__ = ['HEAD_PARAMS', 'LogitScale', 'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts',
-           'class_embeddings', 'zero_shot_logits', 'caption_subject', 'fit_sharelock', 'random_weight_lm',
-           'ShareLockEmbedder', 'embedder_from_head']
+__all__ = ['HEAD_PARAMS', 'OFFICIAL_REPO', 'OFFICIAL_CHECKPOINTS', 'OFFICIAL_LOG_SCALE', 'CHECKPOINT_SUFFIXES', 'LogitScale',
+           'ProjectionMLP', 'projection_mlp_params', 'ShareLock', 'class_prompts', 'class_embeddings',
+           'zero_shot_logits', 'caption_subject', 'fit_sharelock', 'random_weight_lm', 'ShareLockEmbedder',
+           'embedder_from_head', 'official_checkpoint_file', 'read_official_checkpoint', 'official_sharelock_config',
+           'official_state_to_library', 'load_official_sharelock']
 
 # %% ../nbs/10_sharelock.ipynb #3573a6a7
 class LogitScale(nn.Module):
@@ -277,15 +283,57 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
         load_trainable_state_dict(model, res.best_state)
     return model.eval(), res
 
-# %% ../nbs/10_sharelock.ipynb #007adc53
+# %% ../nbs/10_sharelock.ipynb #11953888
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    "Within the block, new floating-point tensors default to `dtype`."
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+# %% ../nbs/10_sharelock.ipynb #549a8839
+class _HostRandom(TorchDispatchMode):
+    """In-place random fills draw from the CPU generator into a float32 scratch of their target's shape,
+    then are copied (rounded) into the target, wherever it lives. Other random draws must be on the CPU."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        first = func._schema.arguments[0] if func._schema.arguments else None
+        inplace = t is not None and first.alias_info is not None and first.alias_info.is_write
+        if inplace:
+            work = torch.float32 if t.is_floating_point() else t.dtype
+            if t.device.type == "cpu" and t.dtype == work:
+                return func(*args, **kwargs)
+            scratch = torch.empty(t.shape, dtype=work)
+            func(scratch, *args[1:], **kwargs)
+            return t.copy_(scratch)
+        devs = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        devs.add(torch.device(kwargs.get("device") or "cpu").type)
+        if devs != {"cpu"}:
+            raise NotImplementedError(f"random_weight_lm: {func} draws on {sorted(devs)} while the model is "
+                                      "built; only in-place random fills are drawn on the host")
+        return func(*args, **kwargs)
+
+# %% ../nbs/10_sharelock.ipynb #1c89f413
 def random_weight_lm(lm, seed: int = 0):
-    """A `LanguageModel` with `lm`'s tokenizer and architecture but freshly initialised RANDOM weights.
-    This is the probing floor."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = type(lm.model)(lm.model.config)
+    """A `LanguageModel` with `lm`'s tokenizer and architecture but freshly initialised RANDOM weights (the
+    probing floor), built on `lm`'s device in its dtype; the values are a float32 CPU build's, rounded."""
     p = next(lm.model.parameters())
-    model = model.to(device=p.device, dtype=p.dtype)
+    dtype = p.dtype if p.is_floating_point() else torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)           # the CPU stream only, restored on exit
+        with torch.device(p.device), _default_dtype(dtype), _HostRandom():
+            model = type(lm.model)(lm.model.config)
+    ref = dict(lm.model.named_parameters()) | dict(lm.model.named_buffers())
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        r = ref.get(n)
+        if r is not None and t.is_floating_point() and r.is_floating_point() and t.dtype != r.dtype:
+            t.data = t.data.to(r.dtype)                     # the LM's dtype, tensor by tensor
     name = f"random-weights-{lm.name}-seed{seed}"
     fp = fingerprint(name, state_dict=model.state_dict())
     return LanguageModel(model, lm.tokenizer, name, fp, is_decoder=lm.is_decoder)
@@ -398,3 +446,191 @@ def embedder_from_head(head: dict, device=None) -> ShareLockEmbedder:
                              eval_centring=p.get("eval_centring", "none"),
                              batch_size=p.get("extract_batch_size"),
                              num_workers=p.get("extract_workers") or 0)
+
+# %% ../nbs/10_sharelock.ipynb #17c81c03
+OFFICIAL_REPO = "FunAILab/ShareLock"        # the authors' hub repository (README of the official code)
+OFFICIAL_CHECKPOINTS = {"sharelock-cc3m": "ShareLock-CC3M.ckpt", "sharelock-cc12m": "ShareLock-CC12M.ckpt"}
+OFFICIAL_LOG_SCALE = 2.6592                 # misc.py: logit_scale = torch.tensor(2.6592).exp(), fixed
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
+
+# %% ../nbs/10_sharelock.ipynb #7b3d5ae2
+class _Unpickled:
+    "An inert stand-in for a class or function a checkpoint names: it records its arguments and state."
+    def __init__(self, *args, **kwargs):
+        self.args, self.state = args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+# %% ../nbs/10_sharelock.ipynb #783c4e26
+def _torch_load(path, trust_pickle: bool = False):
+    "`torch.load` of a checkpoint, tensors only: the classes it names become inert `_Unpickled` stand-ins."
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:                                    # not a zip checkpoint: no globals to list
+        names = []
+    parts = [n.rsplit(".", 1) for n in names]
+    stubs = [(type(name, (_Unpickled,), {"__module__": mod}), f"{mod}.{name}") for mod, name in parts]
+    try:
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: cannot read it with tensors-only unpickling ({str(err)[:300]}). "
+                         "If you trust the file, pass trust_pickle=True") from err
+
+# %% ../nbs/10_sharelock.ipynb #45ecf422
+def _plain(obj):
+    "Plain data of an unpickled config: OmegaConf containers (`_content`) and nodes (`_val`) unwrapped."
+    if isinstance(obj, _Unpickled):
+        st = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
+        if "_content" in st:
+            return _plain(st["_content"])
+        return _plain(st["_val"]) if "_val" in st else None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+# %% ../nbs/10_sharelock.ipynb #1ac6581c
+def _folder_checkpoint(p: Path, filename: str | None = None) -> Path:
+    "The one checkpoint file under folder `p` (named `filename`, if given), e.g. Lightning's log folder."
+    found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in CHECKPOINT_SUFFIXES
+                   and (filename is None or q.name == filename))
+    if len(found) != 1:
+        named = f", named {filename}" if filename else ""
+        kinds = ", ".join(CHECKPOINT_SUFFIXES)
+        raise FileNotFoundError(f"{p}: expected one checkpoint file ({kinds}{named}), "
+                                f"found {[str(q) for q in found]}")
+    return found[0]
+
+# %% ../nbs/10_sharelock.ipynb #befeafcb
+def official_checkpoint_file(path_or_hub_id, filename: str | None = None) -> Path:
+    """The local file of an official checkpoint: a file, a folder holding exactly one checkpoint, a short name
+    ('sharelock-cc3m' / 'sharelock-cc12m') or a hub id with `filename` (downloaded to the HF cache)."""
+    key = str(path_or_hub_id)
+    p = Path(key).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        return _folder_checkpoint(p, filename)
+    repo, fname = (OFFICIAL_REPO, OFFICIAL_CHECKPOINTS[key.lower()]) if key.lower() in OFFICIAL_CHECKPOINTS \
+        else (key, filename)
+    if key.count("/") != 1 and key.lower() not in OFFICIAL_CHECKPOINTS:
+        raise FileNotFoundError(f"no file or folder {key!r}, and it is not a hub id; the released "
+                                f"checkpoints: {sorted(OFFICIAL_CHECKPOINTS)} (hub {OFFICIAL_REPO})")
+    if fname is None:
+        raise ValueError(f"{repo!r} is a hub repository: name the file with filename=... "
+                         f"({OFFICIAL_REPO} holds {sorted(OFFICIAL_CHECKPOINTS.values())})")
+    try:
+        return Path(hf_hub_download(repo, fname))
+    except Exception as err:
+        raise FileNotFoundError(f"could not fetch {fname!r} from the hub repository {repo!r} "
+                                f"({type(err).__name__}: {str(err)[:200]}); offline, download it elsewhere "
+                                "and pass its path") from err
+
+# %% ../nbs/10_sharelock.ipynb #2bdd9413
+def read_official_checkpoint(path, trust_pickle: bool = False) -> tuple[dict, dict]:
+    """The model tensors (official key names) and the training config (plain dict, {} if none) of a Lightning
+    checkpoint, a saved state dict, or a safetensors file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return dict(load_file(str(path))), {}
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):         # Lightning's checkpoint
+        hp = _plain(obj.get("hyper_parameters"))
+        return dict(obj["state_dict"]), hp if isinstance(hp, dict) else {}
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj), {}
+    top = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{path}: neither a Lightning checkpoint (a 'state_dict' entry) nor a state dict of "
+                     f"tensors; it holds {top}")
+
+# %% ../nbs/10_sharelock.ipynb #d43c1e72
+def _official_linears(state: dict, side: str) -> list[torch.Tensor]:
+    "The Linear weights of one official projector ('language_projector' or 'vision_projector'), in order."
+    pat = re.compile(rf"^{side}\.projection\.(\d+)\.weight$")
+    found = sorted((int(m.group(1)), v) for k, v in state.items() if (m := pat.match(k)) and v.ndim == 2)
+    return [v for _, v in found]
+
+# %% ../nbs/10_sharelock.ipynb #2fca2065
+def _check_official_config(hparams: dict, kw: dict):
+    "Refuse a checkpoint whose saved config disagrees with its tensors or asks what `ShareLock` cannot do."
+    model = (hparams or {}).get("model")
+    if not isinstance(model, dict):
+        return
+    trained = "language_projector" if kw["direction"] == "text_to_vision" else "vision_projector"
+    problems = []
+    for side in ("language_projector", "vision_projector"):
+        c = model.get(side) or {}
+        want = kw["num_layers"] if side == trained else 0
+        if "num_layers" in c and max(int(c["num_layers"]), 0) != want:
+            problems.append(f"{side}.num_layers is {c['num_layers']} in the config, {want} in the tensors")
+        if side == trained and want > 1 and "hidden_size" in c and int(c["hidden_size"]) != kw["hidden_dim"]:
+            problems.append(f"{side}.hidden_size is {c['hidden_size']} in the config, {kw['hidden_dim']} "
+                            "in the tensors")
+        if c.get("normalize") is False:
+            problems.append(f"{side}.normalize is False: this ShareLock always L2-normalises both sides")
+    if problems:
+        raise ValueError("official checkpoint: " + "; ".join(problems))
+
+# %% ../nbs/10_sharelock.ipynb #1b09e2ce
+def official_sharelock_config(state: dict, hparams: dict | None = None) -> dict:
+    "`ShareLock` keyword arguments reproducing an official checkpoint: from its tensors, checked on its config."
+    lang, vis = _official_linears(state, "language_projector"), _official_linears(state, "vision_projector")
+    if lang and vis:
+        raise ValueError(f"official checkpoint: both projectors are trained ({len(lang)} language, {len(vis)} "
+                         "vision layers); this library's ShareLock projects one side into the other's space")
+    if not (lang or vis):
+        raise ValueError("official checkpoint: no projector weights (keys 'language_projector.projection.<i>."
+                         f"weight' or 'vision_projector...'); its first keys: {sorted(state)[:8]}")
+    ws = lang or vis
+    d_in, d_out = int(ws[0].shape[1]), int(ws[-1].shape[0])
+    kw = dict(direction="text_to_vision" if lang else "vision_to_text", num_layers=len(ws),
+              hidden_dim=int(ws[0].shape[0]) if len(ws) > 1 else 4096, dropout=0.2, learn_temperature=False,
+              init_logit_scale=OFFICIAL_LOG_SCALE)
+    kw |= dict(vision_dim=d_out, text_dim=d_in) if lang else dict(vision_dim=d_in, text_dim=d_out)
+    _check_official_config(hparams or {}, kw)
+    return kw
+
+# %% ../nbs/10_sharelock.ipynb #7fc5460b
+def official_state_to_library(state: dict, model: ShareLock) -> dict:
+    "The official tensors under `model`'s names, key by key: each must land on a library tensor of its shape."
+    lib = model.state_dict()
+    mapped, unmatched, shapes = {}, [], []
+    for k, v in state.items():
+        m = re.match(r"^(language_projector|vision_projector)\.projection\.(.+)$", k)
+        side = None if m is None else ("text_proj" if m.group(1) == "language_projector" else "vision_proj")
+        new = None if m is None else f"{side}.net.{m.group(2)}"
+        if new not in lib:
+            unmatched.append(k)
+        elif tuple(v.shape) != tuple(lib[new].shape):
+            shapes.append(f"{k} {tuple(v.shape)} -> {new} {tuple(lib[new].shape)}")
+        else:
+            mapped[new] = v
+    mapped["logit_scale.log_scale"] = torch.tensor(OFFICIAL_LOG_SCALE)     # fixed in the official loss, unsaved
+    unfilled = sorted(set(lib) - set(mapped) - {s.split(" -> ")[1].split(" ")[0] for s in shapes})
+    if unmatched or unfilled or shapes:
+        hint = (" (backbone weights: this library loads the backbones by name)"
+                if any(k.startswith(("language_encoder.", "vision_encoder.")) for k in unmatched) else "")
+        raise ValueError(f"official checkpoint does not match ShareLock: official keys with no library "
+                         f"tensor {unmatched}{hint}; library tensors not filled {unfilled}; "
+                         f"shape mismatches {shapes}")
+    return mapped
+
+# %% ../nbs/10_sharelock.ipynb #0b8dc195
+def load_official_sharelock(path_or_hub_id, filename: str | None = None, device=None,
+                            trust_pickle: bool = False) -> ShareLock:
+    """This library's `ShareLock` (eval mode) with the weights of an official checkpoint: a .ckpt / .pt /
+    .safetensors file, a folder holding one, 'sharelock-cc3m' / 'sharelock-cc12m', or a hub id + `filename`.
+    `model.official_config` is the checkpoint's training config as plain data ({} if it has none)."""
+    f = official_checkpoint_file(path_or_hub_id, filename)
+    state, hparams = read_official_checkpoint(f, trust_pickle)
+    kw = official_sharelock_config(state, hparams)
+    with torch.random.fork_rng(devices=[]):       # the fresh init is overwritten: leave the caller's RNG alone
+        model = ShareLock(**kw)
+    model.load_state_dict(official_state_to_library(state, model))
+    model.official_config = hparams
+    return model.to(get_device(device)).eval()

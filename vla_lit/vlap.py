@@ -14,14 +14,16 @@ from fastcore.basics import patch
 from .core import get_device
 from .sinkhorn import sinkhorn
 from .losses import clip_loss
-from .models import freeze, load_vision, load_lm
+from transformers import AutoModelForSeq2SeqLM
+from .models import freeze, load_vision, load_lm, _hub_context, _load_kw, _load_quietly, _offline_error
 from .features import extract_features, extract_text_features, pool_patch_grid
 
 # %% auto #0
 __all__ = ['EMBEDDER_SPACES', 'VLAP_HEAD_PARAMS', 'caption_token_counts', 'frequent_tokens', 'vocabulary_prior',
            'vocab_prototypes', 'swapped_prediction_loss', 'assignments', 'tokenize_captions', 'prefix_caption_loss',
-           'VLAP', 'vlap_embeddings', 'assignment_similarity', 'assignment_scores', 'vlap_pooling',
-           'vlap_visual_features', 'VLAPEmbedder', 'vlap_head_state', 'vlap_from_state', 'embedder_from_head']
+           'seq2seq_caption_loss', 'load_captioner', 'VLAP', 'vlap_embeddings', 'assignment_similarity',
+           'assignment_scores', 'vlap_pooling', 'vlap_visual_features', 'VLAPEmbedder', 'vlap_head_state',
+           'vlap_from_state', 'embedder_from_head']
 
 # %% ../nbs/21_vlap.ipynb #5a464426
 def caption_token_counts(lm, texts: Sequence[str]) -> Tensor:
@@ -111,6 +113,46 @@ def prefix_caption_loss(lm, prefix: Tensor, input_ids: Tensor, attention_mask: T
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
 
+# %% ../nbs/21_vlap.ipynb #3abeb1f4
+def seq2seq_caption_loss(model, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                         prompt_ids: Tensor | None = None) -> Tensor:
+    "Cross-entropy of the caption as decoder labels, a frozen encoder-decoder reading [prefix; prompt]."
+    B, N, _ = prefix.shape
+    emb = model.get_input_embeddings()
+    parts, masks = [prefix], [torch.ones(B, N, dtype=attention_mask.dtype, device=prefix.device)]
+    if prompt_ids is not None and len(prompt_ids):
+        p = prompt_ids.to(prefix.device)
+        parts.append(emb(p).unsqueeze(0).expand(B, -1, -1).to(prefix.dtype))
+        masks.append(torch.ones(B, len(p), dtype=attention_mask.dtype, device=prefix.device))
+    x, m = torch.cat(parts, 1), torch.cat(masks, 1)
+    labels = input_ids.to(prefix.device).masked_fill(attention_mask.to(prefix.device) == 0, -100)
+    logits = model(inputs_embeds=x, attention_mask=m, labels=labels).logits
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+
+# %% ../nbs/21_vlap.ipynb #853f973e
+def load_captioner(lm) -> nn.Module:
+    """The frozen model an encoder-decoder `lm` captions with: the full model of its name (`load_lm` keeps
+    only T5's encoder), loaded by `AutoModelForSeq2SeqLM` on `lm`'s device in its dtype."""
+    if not getattr(lm.model.config, "is_encoder_decoder", False):
+        raise ValueError(f"load_captioner: {lm.name} is not an encoder-decoder LM")
+    p = next(lm.model.parameters())
+    with _hub_context():
+        try:
+            kw = _load_kw(p.device, p.dtype)
+            model = _load_quietly(AutoModelForSeq2SeqLM.from_pretrained, lm.name, **kw)
+        except (OSError, ValueError) as err:
+            raise _offline_error(lm.name, "lm", err) from err
+    return freeze(model.to(p.device))
+
+# %% ../nbs/21_vlap.ipynb #f82630a8
+def _checked_captioner(model: nn.Module, lm) -> nn.Module:
+    "A frozen captioning model whose input embeddings have `lm`'s width (the space the map projects into)."
+    w = model.get_input_embeddings().weight
+    if w.shape[1] != lm.dim:
+        raise ValueError(f"VLAP: the captioner's embeddings are {w.shape[1]}-d, the LM's {lm.dim}-d")
+    return freeze(model)
+
 # %% ../nbs/21_vlap.ipynb #d627a4be
 class VLAP(nn.Module):
     "VLAP: a linear map vision -> LLM input space, trained by swapped OT assignment prediction + captioning."
@@ -118,7 +160,7 @@ class VLAP(nn.Module):
                  temperature: float = 0.01, assign_weight: float = 0.1, caption_weight: float = 1.0,
                  objective: str = "ot", vocab_ids: Tensor | None = None, prior: Tensor | None = None,
                  prompt: str = "A picture of", caption_batch: int | None = None,
-                 text_mean: Tensor | None = None):
+                 text_mean: Tensor | None = None, captioner: nn.Module | None = None):
         super().__init__()
         if objective not in ("ot", "contrastive"):
             raise ValueError(f"VLAP: objective must be 'ot' or 'contrastive', got {objective!r}")
@@ -141,13 +183,30 @@ class VLAP(nn.Module):
         self.register_buffer("text_mean", mean)                     # saved with the map when set
         prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long), persistent=False)
+        self.captioner = None if captioner is None else _checked_captioner(captioner, lm)
+
+# %% ../nbs/21_vlap.ipynb #5ac085bf
+@patch
+def caption_model(self: VLAP) -> nn.Module:
+    "The frozen model captions go through: the decoder LM, or an encoder-decoder's full model (loaded once)."
+    if self.captioner is not None:
+        return self.captioner
+    if getattr(self.lm.model.config, "is_encoder_decoder", False):
+        self.captioner = _checked_captioner(load_captioner(self.lm), self.lm)
+        return self.captioner
+    if not self.lm.is_decoder:
+        raise ValueError(f"VLAP: {self.lm.name} is an encoder-only LM and cannot caption: train with "
+                         "caption_weight=0, or pass captioner= (a generative model in the same token space)")
+    return self.lm.model
 
 # %% ../nbs/21_vlap.ipynb #423c7f77
 @patch
 def train(self: VLAP, mode: bool = True):
-    "Train mode for the map; the LM stays in eval mode."
+    "Train mode for the map; the LM (and a captioner) stay in eval mode."
     nn.Module.train(self, mode)
     self.lm.eval()
+    if self.captioner is not None:
+        self.captioner.eval()
     return self
 
 # %% ../nbs/21_vlap.ipynb #962c4069
@@ -207,7 +266,11 @@ def loss(self: VLAP, batch: dict) -> dict[str, Tensor]:
         # the first n pairs go through the LLM
         n = len(tokens) if self.caption_batch is None else min(self.caption_batch, len(tokens))
         ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
-        out["caption"] = prefix_caption_loss(self.lm, tokens[:n], ids, mask, self.prompt_ids)
+        cm = self.caption_model()
+        if getattr(cm.config, "is_encoder_decoder", False):
+            out["caption"] = seq2seq_caption_loss(cm, tokens[:n], ids, mask, self.prompt_ids)
+        else:
+            out["caption"] = prefix_caption_loss(self.lm, tokens[:n], ids, mask, self.prompt_ids)
         loss = loss + self.caption_weight * out["caption"]
     out["loss"] = loss
     return out
@@ -219,14 +282,15 @@ def generate(self: VLAP, vision: Tensor, max_new_tokens: int = 20, num_beams: in
     "Captions from the frozen LLM given the projected visual prefix + prompt: greedy (num_beams=1) or beam."
     tokens = self.visual_tokens(vision)
     B = tokens.shape[0]
-    emb = self.lm.model.get_input_embeddings()
+    cm = self.caption_model()       # a decoder continues the prefix; an encoder-decoder's decoder reads it
+    emb = cm.get_input_embeddings()
     prompt = emb(self.prompt_ids.to(tokens.device)).unsqueeze(0).expand(B, -1, -1).to(tokens.dtype)
     x = torch.cat([tokens, prompt], 1)
     tok = self.lm.tokenizer
     mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-    out = self.lm.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 num_beams=num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, **kw)
+    out = cm.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                      num_beams=num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, **kw)
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 # %% ../nbs/21_vlap.ipynb #1ef9a3f8
