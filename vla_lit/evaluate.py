@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib, json, math, os, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from .core import write_json
@@ -64,6 +64,17 @@ class EvalSet:
         )
         return f"EvalSet({self.name!r}: {self.task}, {len(self.records)} records{extra})"
 
+# %% ../nbs/07_evaluate.ipynb #875c2c21
+def _bad_templates(templates: Sequence[str]) -> list[str]:
+    """The templates that do not name the class: no `{c}` field (every class would get the same prompt), or
+    one that `str.format(c=...)` cannot fill (another field, a stray brace)."""
+    bad = []
+    for t in templates:
+        try: named = t.format(c="A") != t.format(c="B")
+        except (KeyError, IndexError, ValueError): named = False
+        if not named: bad.append(t)
+    return bad
+
 # %% ../nbs/07_evaluate.ipynb #74dd0ba0
 def _templates_of(spec: DataSpec, rs: RecordSet) -> list[str]:
     """Option `templates` (a clip_benchmark dataset, or literal '|'-separated templates with `{c}`), else the
@@ -74,7 +85,7 @@ def _templates_of(spec: DataSpec, rs: RecordSet) -> list[str]:
     if name and not ts: raise BadInputError(f"{spec}: clip_benchmark has no templates for {name!r}")
     n = spec.opt("ntemplates")
     ts = list(ts)[:int(n)] if n else list(ts)
-    bad = [t for t in ts if "{c}" not in t]
+    bad = _bad_templates(ts)
     if bad:
         raise BadInputError(
             f"{spec}: prompt template(s) without '{{c}}' would give every class the same prompt: {bad}"
@@ -117,19 +128,40 @@ def eval_sets(specs, strict: bool = False) -> list[EvalSet]:
     specs = [check_data_spec(s) for s in data_specs(specs)]         # data_specs refuses two sets of one name
     return [eval_set(s, strict=strict) for s in specs]
 
+# %% ../nbs/07_evaluate.ipynb #74a5cb4c
+def _check_finite(z, what: str, where: str, label: Callable[[int], str]):
+    """Refuse `what` embeddings `z` [N, ...] holding a NaN or inf: a rank-based metric would turn them into a
+    number. The error names `where` (the set), the count of bad rows and the first one (`label(i)`)."""
+    if not torch.is_tensor(z) or not z.is_floating_point() or z.ndim == 0 or z.numel() == 0: return
+    if z.layout != torch.strided: return
+    lo, hi = torch.aminmax(z)                       # one pass: NaN and inf propagate into min/max
+    if torch.isfinite(lo) and torch.isfinite(hi): return
+    bad = ~torch.isfinite(z).reshape(len(z), -1).all(1)
+    raise ValueError(f"{where}: {what} embeddings contain NaN/inf in {int(bad.sum())} of {len(z)} row(s), "
+                     f"first {label(int(bad.nonzero()[0]))}; no metric is computed from them")
+
 # %% ../nbs/07_evaluate.ipynb #14165f12
-def zero_shot_classifier(embedder, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def zero_shot_classifier(embedder, classnames: Sequence[str], templates: Sequence[str],
+                         where: str = "zero_shot_classifier") -> torch.Tensor:
     """Class vectors [C, D] of `classnames` under `templates` (CLIP's prompt ensemble, or the embedder's own
-    rule)."""
+    rule). Every template must name the class; NaN/inf prompt or class vectors are an error (named `where`)."""
     if not len(classnames): raise ValueError("zero_shot_classifier: no class names")
     if not len(templates): raise ValueError("zero_shot_classifier: no templates")
-    if hasattr(embedder, "classifier"): return embedder.classifier(list(classnames), list(templates))
+    bad = _bad_templates(templates)
+    if bad:
+        raise ValueError(f"{where}: prompt template(s) without '{{c}}' would give every class the same "
+                         f"prompt: {bad}")
+    if hasattr(embedder, "classifier"):
+        W = embedder.classifier(list(classnames), list(templates))
+        _check_finite(W, "class", where, lambda i: f"class {classnames[i]!r}")
+        return W
     prompts = [t.format(c=c) for c in classnames for t in templates]
     z = embedder.embed_texts(prompts)
     if z.shape[0] != len(prompts):
         raise ValueError(
             f"zero_shot_classifier: embed_texts gave {z.shape[0]} rows for {len(prompts)} prompts"
         )
+    _check_finite(z, "prompt", where, lambda i: f"prompt {prompts[i]!r}")
     return ensemble_classifier(z.view(len(classnames), len(templates), -1))
 
 # %% ../nbs/07_evaluate.ipynb #8a13e37b
@@ -137,6 +169,7 @@ def mean_per_class_recall(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Balanced accuracy: the mean over the classes that occur in `labels` of the fraction of their rows
     ranked first."""
     labels = torch.as_tensor(labels).long()
+    if not torch.isfinite(scores).all(): raise ValueError("mean_per_class_recall: scores contain NaN/inf")
     own = scores.gather(1, labels[:, None].to(scores.device))
     hit = ((scores >= own).sum(1) == 1).double().cpu()
     return float(torch.stack([hit[labels == c].mean() for c in labels.unique()]).mean())
@@ -184,15 +217,16 @@ def evaluate_classification(embedder, es: EvalSet) -> dict:
     skipped."""
     images, ids = embedder.embed_images(es.records)
     if not len(ids): raise BadInputError(f"{es.spec}: no image of the set could be embedded")
+    _check_finite(images, "image", es.name, lambda i: f"record {ids[i]!r}")
     labels = _labelled_rows(es, ids)
     names = es.records.classnames
     if es.classes is not None:
-        W = zero_shot_classifier(embedder, [names[c] for c in es.classes], es.templates)
+        W = zero_shot_classifier(embedder, [names[c] for c in es.classes], es.templates, es.name)
         pos = {c: i for i, c in enumerate(es.classes)}
         out = classification_metrics(_similarity(embedder, images, W),
                                      torch.tensor([pos[int(y)] for y in labels]))
     else:
-        W = zero_shot_classifier(embedder, names, es.templates)
+        W = zero_shot_classifier(embedder, names, es.templates, es.name)
         out = classification_metrics(_similarity(embedder, images, W), labels)
     return out | {"n_skipped": float(len(es.records) - len(ids))}
 
@@ -219,10 +253,13 @@ def evaluate_retrieval(embedder, es: EvalSet, ks: Sequence[int] = (1, 5, 10)) ->
     "Image-text retrieval on `es` (every caption of every decoded image), R@K both ways, chance, counts."
     images, ids = embedder.embed_images(es.records)
     if not len(ids): raise BadInputError(f"{es.spec}: no image of the set could be embedded")
+    _check_finite(images, "image", es.name, lambda i: f"record {ids[i]!r}")
     by_id = {r.id: r for r in es.records}
     caps = [(i, c) for i, rid in enumerate(ids) for c in by_id[rid].captions]
     if not caps: raise BadInputError(f"{es.spec}: none of the embedded images has a caption")
     texts = embedder.embed_texts([c for _, c in caps])
+    _check_finite(texts, "caption", es.name,
+                  lambda j: f"caption {caps[j][1]!r} of record {ids[caps[j][0]]!r}")
     t2i = torch.tensor([i for i, _ in caps])
     r = recall_at_k_from_scores(_similarity(embedder, images, texts), t2i, ks=ks)
     out = {k.replace("_R@", "_r"): v for k, v in r.items() if k != "rsum"}

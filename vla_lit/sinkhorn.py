@@ -66,6 +66,19 @@ def _marginal(m, n: int, lead, like: Tensor, name: str, total: int | None = None
         raise ValueError(f"sinkhorn: marginal {name} must be finite and > 0 everywhere")
     return m.expand(*lead, n)
 
+# %% ../nbs/20_sinkhorn.ipynb #24de34b5
+def _check_mass(mass_a: Tensor, b: Tensor, name: str):
+    """Refuse marginals whose totals differ (per problem, rtol 1e-4): no plan has row sums `a` and column
+    sums `b` then. `mass_a`: the total of `a` per problem; the error names the first problem that differs."""
+    ma, mb = torch.broadcast_tensors(mass_a, b.sum(-1))
+    ma, mb = ma.reshape(-1), mb.reshape(-1)
+    close = torch.isclose(ma, mb, rtol=1e-4)
+    if close.all(): return
+    i = int((~close).nonzero()[0])
+    where = f" (problem {i} of {len(ma)})" if len(ma) > 1 else ""
+    raise ValueError(f"{name}: marginals a and b must have the same total mass, got {float(ma[i]):.6g} and "
+                     f"{float(mb[i]):.6g}{where}")
+
 # %% ../nbs/20_sinkhorn.ipynb #76cee41f
 def _check_problem(x: Tensor, epsilon: float, normalize: str, is_cost: bool, name: str,
                    finite: bool = True) -> Tensor:
@@ -238,7 +251,7 @@ class _DistScaling(_Scaling):
 
 # %% ../nbs/20_sinkhorn.ipynb #78904bbe
 @patch
-def col_sums(self: _DistScaling) -> Tensor:
+def col_sums(self: _DistScaling) -> Tensor:  # noqa: F811 (@patch)
     "K^T u over every rank's rows."
     return _reduced(_Scaling.col_sums(self))
 
@@ -258,7 +271,7 @@ def agree(self: _DistScaling, ok: bool) -> bool:
 
 # %% ../nbs/20_sinkhorn.ipynb #124661ab
 @patch
-def representable(self: _DistScaling, lu: Tensor, lv: Tensor) -> bool:
+def representable(self: _DistScaling, lu: Tensor, lv: Tensor) -> bool:  # noqa: F811 (@patch)
     "`_Scaling.representable` for the whole problem: the row maxima of log u all-reduced."
     if not self.log_domain: return True
     t = torch.stack([(lu - self.loga).amax(-1), lu.amax(-1)])         # [2, ...]: this rank's rows
@@ -307,8 +320,7 @@ def _solve(x, epsilon, n_iters, tol, a, b, log_domain, is_cost, normalize, max_i
     a = _marginal(a, B, lead, x, "a", total=n_rows)
     b = _marginal(b, K, lead, x, "b")
     mass = _reduced(a.sum(-1)) if rows else a.sum(-1)
-    if not torch.allclose(mass, b.sum(-1), rtol=1e-4):
-        raise ValueError("sinkhorn: marginals a and b must have the same total mass")
+    _check_mass(mass, b, "sinkhorn")
     _check_out(out, x)
     s = (-1.0 if is_cost else 1.0) / epsilon
     st = _DistScaling(x, s, a, b, log_domain, out, n_rows) if rows else _Scaling(x, s, a, b, log_domain, out)
@@ -377,6 +389,7 @@ def sinkhorn_fused(x: Tensor, epsilon: float = 0.05, n_iters: int = 3, a: Tensor
     X = x.reshape(-1, B, K)
     a3 = _marginal(a, B, lead, x, "a").reshape(-1, B)
     b3 = _marginal(b, K, lead, x, "b").reshape(-1, K)
+    _check_mass(a3.sum(-1), b3, "sinkhorn_fused")
     s = (-1.0 if is_cost else 1.0) / epsilon
     shift = -(X.amax((-2, -1)) if s > 0 else X.amin((-2, -1))) * s          # [P]: largest kernel entry = 1
     Km = torch.empty_like(X) if out is None else out.view(-1, B, K)

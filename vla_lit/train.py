@@ -51,6 +51,16 @@ def _take(x, idx: np.ndarray) -> torch.Tensor:
         return x[torch.from_numpy(idx)]
     return torch.from_numpy(np.ascontiguousarray(x[idx]))
 
+# %% ../nbs/04_train.ipynb #5fc4c8c4
+def _warn_one_row_tail(n: int, batch_size: int, world_size: int, drop_last: bool):
+    """Warn when `drop_last=False` leaves a last batch of one row in every epoch (on each rank): a contrastive
+    loss has no negative in it and refuses it."""
+    per_rank = n // world_size
+    if drop_last or batch_size < 2 or per_rank % batch_size != 1: return
+    warnings.warn(f"tensor_batches: drop_last=False with {per_rank} rows per rank in batches of {batch_size}: "
+                  "the last batch of every epoch has 1 row, which a contrastive loss refuses (no negative); "
+                  "use drop_last=True or another batch_size")
+
 # %% ../nbs/04_train.ipynb #615d0f9e
 class TensorBatches:
     """Endless shuffled minibatches of rows of equally long tensors/arrays.
@@ -70,6 +80,7 @@ class TensorBatches:
         if batch_size <= 0: raise ValueError(f"tensor_batches: batch_size must be > 0, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"tensor_batches: need 0 <= rank < world_size, got {rank}, {world_size}")
+        _warn_one_row_tail(self.n, batch_size, world_size, drop_last)
         if self.n // world_size < batch_size and drop_last:
             raise ValueError(f"tensor_batches: {self.n} rows over {world_size} rank(s) give fewer than "
                              f"one batch of {batch_size} (drop_last=True); lower batch_size")
@@ -151,6 +162,24 @@ def tensor_batches(*tensors, batch_size: int, generator: torch.Generator | int |
                    drop_last: bool = True, **named) -> TensorBatches:
     "Shuffled minibatches forever from in-memory or memory-mapped arrays (tuples; dicts if passed by name)."
     return TensorBatches(*tensors, batch_size=batch_size, generator=generator, drop_last=drop_last, **named)
+
+# %% ../nbs/04_train.ipynb #c3db4a14
+def _data_fingerprint(data) -> Any:
+    """A cheap identity of a data source, kept in checkpoints to notice a resume on other data: the source's
+    own `data_fingerprint` (an attribute or a method; a plain value) if it has one; for `TensorBatches` the
+    arrays' names, shapes and dtypes, the batch size and a SHA-256 of at most 8 evenly spaced rows; else
+    None."""
+    own = getattr(data, "data_fingerprint", None)
+    if own is not None: return own() if callable(own) else own
+    if not isinstance(data, TensorBatches): return None
+    idx = np.unique(np.linspace(0, data.n - 1, min(data.n, 8)).round().astype(np.int64))
+    rows, arrays = hashlib.sha256(), {}
+    for k, a in zip(data._keys, data._arrays):
+        t = _take(a, idx).detach().cpu().contiguous()
+        rows.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        arrays[k] = (tuple(a.shape), str(t.dtype))
+    return {"arrays": arrays, "batch_size": data.batch_size, "drop_last": data.drop_last,
+            "rows_sha256": rows.hexdigest()}
 
 # %% ../nbs/04_train.ipynb #be2d951e
 def frozen_modules(module: nn.Module) -> list[str]:
@@ -640,6 +669,7 @@ def _wrap_ddp(self: Trainer):
 def _setup_data(self: Trainer):
     "A callable gets the trainer's generator; an iterable becomes an endless (sharded) stream."
     data = self.data
+    self.data_fp = _data_fingerprint(data)
     is_callable = callable(data) and not hasattr(data, "__iter__")
     self.gen = torch.Generator().manual_seed(_rank_seed(self.cfg.seed, self.rank)) if is_callable else None
     self.source, self.stream = (data, None) if is_callable else _batch_stream(data, self.rank, self.world)
@@ -694,19 +724,25 @@ def checkpoint(self: Trainer, gather: bool = True, mine: dict | None = None):
                   "scaler": self.scaler.state_dict() if self.scaler else None, "schedule": schedule,
                   "per_rank": per_rank, "history": self.history, "config": self.cfg.to_dict(),
                   "world_size": self.world, "ema": cpu(self.ema), "best": best, "seconds": self.elapsed(),
-                  "version": 2}, self.ckpt_path)
+                  "data_fingerprint": self.data_fp, "version": 2}, self.ckpt_path)
     tmp = o.ckpt_dir / "history.json.tmp"
     tmp.write_text(json.dumps(self.history))
     os.replace(tmp, o.ckpt_dir / "history.json")
 
 # %% ../nbs/04_train.ipynb #329051a1
 def _read_checkpoint(path: Path) -> dict:
-    "Load `last.pt`; a file that cannot be read is a clear error naming it, never a silent fresh start."
+    """Load `last.pt`; a file that cannot be read, or is not a checkpoint of `train`, is a clear error naming
+    it, never a silent fresh start."""
+    fix = "restore it, or delete it to start the run over"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise RuntimeError(f"train: cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged "
-                           "or truncated: restore it, or delete it to start the run over") from e
+                           f"or truncated: {fix}") from e
+    need = ("step", "model", "optimizer", "schedule", "per_rank", "history")
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing: raise RuntimeError(f"train: {path} is not a checkpoint of train (no {missing}): {fix}")
+    return ck
 
 # %% ../nbs/04_train.ipynb #2e94b4d8
 @patch
@@ -726,6 +762,18 @@ def _warn_if_changed(self: Trainer, ck: dict):
     if seed != self.cfg.seed:
         warnings.warn(f"train: resuming {self.ckpt_path} (seed {seed}) with seed {self.cfg.seed}; "
                       "the result will differ from an uninterrupted run of either")
+
+# %% ../nbs/04_train.ipynb #46b9e2b8
+@patch
+def _warn_if_other_data(self: Trainer, ck: dict):
+    "Warn when the checkpoint's data fingerprint and this run's are both known and differ."
+    was, now = ck.get("data_fingerprint"), self.data_fp
+    if was is None or now is None or was == now: return
+    if isinstance(was, dict) and isinstance(now, dict):
+        keys = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        was, now = {k: was.get(k) for k in keys}, {k: now.get(k) for k in keys}
+    warnings.warn(f"train: resuming {self.ckpt_path} on other data than it was written with (checkpoint: "
+                  f"{was}, now: {now}); the result will differ from an uninterrupted run")
 
 # %% ../nbs/04_train.ipynb #e3dc2964
 @patch
@@ -766,6 +814,7 @@ def resume(self: Trainer):
     self.best_metric, self.bad_evals = best.get("metric"), best.get("bad", 0)
     self.seconds_before = ck.get("seconds", 0.0)
     self._warn_if_changed(ck)
+    self._warn_if_other_data(ck)
     self._restore_position(ck)
     if self.start > self.o.steps:
         raise ValueError(f"train: checkpoint {self.ckpt_path} is at step {self.start}, "
@@ -947,6 +996,9 @@ def _keep_best(self: Trainer, res: dict[str, float]) -> bool:
     if o.keep_best not in res:
         raise KeyError(f"train: keep_best={o.keep_best!r} is not among eval_fn's metrics {sorted(res)}")
     v, best = res[o.keep_best], self.best_metric
+    if not math.isfinite(v):
+        warnings.warn(f"train: keep_best metric {o.keep_best!r} is {v} at step {self.step}; "
+                      "counted as no improvement")
     better = math.isfinite(v) and (best is None or (v > best if o.best_mode == "max" else v < best))
     if better:
         self.best_metric, self.best_step, self.bad_evals = v, self.step, 0
