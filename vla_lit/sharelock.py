@@ -257,9 +257,10 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
                   hidden_dim: int = 4096, num_layers: int = 4, dropout: float = 0.2,
                   learn_temperature: bool = True, weight_decay: float = 1e-4,
                   warmup: float | int = 0.03, clip_grad: float = 1.0, ckpt_dir=None, resume: bool = False,
-                  eval_fn=None, eval_every=None, val=None, progress: bool = True, device=None):
+                  eval_fn=None, eval_every=None, val=None, progress: bool = True, device=None, **train_kw):
     """Train a `ShareLock` on paired feature rows (tensors or memmaps); (model, TrainResult).
-    `val=(vision, text)`: early stopping."""
+    `val=(vision, text)`: early stopping; `train_kw`: other `train` options (optimizer, decay, accum_steps,
+    patience, amp, ...), e.g. the official code's `optimizer="adam", decay="all", accum_steps=16`."""
     cfg = cfg or RunConfig()
     if len(vision_feats) != len(text_feats):
         raise ValueError(f"fit_sharelock: {len(vision_feats)} vision rows but {len(text_feats)} text rows "
@@ -278,7 +279,7 @@ def fit_sharelock(vision_feats, text_feats, cfg=None, *, direction: str = "text_
         best = {"keep_best": "val_loss", "best_mode": "min"}
     res = train(model, data, cfg, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad,
                 ckpt_dir=ckpt_dir, resume=resume, eval_fn=eval_fn, eval_every=eval_every,
-                progress=progress, device=device, **best)
+                progress=progress, device=device, **best, **train_kw)
     if res.best_state is not None:
         load_trainable_state_dict(model, res.best_state)
     return model.eval(), res
