@@ -105,6 +105,23 @@ def _accuracy_bound(dtype: torch.dtype, B: int, K: int) -> float:
     fin = torch.finfo(dtype)
     return math.log(fin.eps / (max(B, K) * fin.tiny))
 
+# %% ../nbs/20_sinkhorn.ipynb #8f128418
+def _exp_(t: Tensor, lowest: float = -math.inf) -> Tensor:
+    """exp of `t` in place; entries whose argument is below ceil(log tiny) (float32: -87) set to exactly 0.
+    `lowest`: a lower bound on `t` known to the caller (above the clamp: the plain exp)."""
+    c = math.ceil(math.log(torch.finfo(t.dtype).tiny))
+    if lowest >= c: return t.exp_()
+    t.clamp_(min=c).exp_()
+    return torch.nn.functional.threshold_(t, math.exp(c) * (1 + 1e-5), 0.0)
+
+# %% ../nbs/20_sinkhorn.ipynb #5131c2ae
+def _lse(t: Tensor, dim: int) -> Tensor:
+    "torch.logsumexp(t, dim) with the shifted arguments clamped as in `_exp_` (no subnormal exp)."
+    m = t.amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    c = math.ceil(math.log(torch.finfo(t.dtype).tiny))
+    return (t - m).clamp_(min=c).exp_().sum(dim).log_().add_(m.squeeze(dim))
+
 # %% ../nbs/20_sinkhorn.ipynb #4aaeb799
 def _check_out(out: Tensor | None, x: Tensor):
     "`sinkhorn`'s checks on an output buffer `out` for the problem `x`."
@@ -129,17 +146,23 @@ class _Scaling:
         shift = -self.peak(x, s) * s
         self.f = shift.unsqueeze(-1).expand(*lead, B).clone()
         self.g = torch.zeros_like(b)
-        self.Km = torch.add(self.f.unsqueeze(-1), x, alpha=s, out=out).exp_()   # the kernel exp(W + f + g)
+        lowest = -abs(s) * self.spread                                        # the smallest argument of exp
+        self.Km = _exp_(torch.add(self.f.unsqueeze(-1), x, alpha=s, out=out), lowest)   # exp(W + f + g)
         self.u, self.v = torch.ones_like(a), torch.ones_like(b)
         self.n_rebuilds = 0
 
     def peak(self, x: Tensor, s: float) -> Tensor:
-        "The largest score (smallest cost) per problem [...]: the kernel's shift."
-        return x.amax((-2, -1)) if s > 0 else x.amin((-2, -1))
+        """The largest score (smallest cost) per problem [...]: the kernel's shift; one pass for both extremes,
+        which also checks for NaN/inf (they propagate) and sets `spread`, the largest max - min."""
+        lo, hi = x.amin((-2, -1)), x.amax((-2, -1))        # (torch.aminmax has no multi-dim reduction)
+        self.spread = float((hi - lo).max())
+        if not math.isfinite(self.spread):
+            raise ValueError(f"sinkhorn: the {'score' if s > 0 else 'cost'} matrix contains NaN or inf")
+        return hi if s > 0 else lo
 
     def col_lse(self) -> Tensor:
         "Log-sum-exp of the log-kernel held in Km down its rows [..., K] (the exact column step)."
-        return torch.logsumexp(self.Km, dim=-2)
+        return _lse(self.Km, dim=-2)
 
     def agree(self, ok: bool) -> bool:
         "A local yes/no as the decision of the whole problem (one process: itself)."
@@ -150,10 +173,11 @@ class _Scaling:
 def representable(self: _Scaling, lu: Tensor, lv: Tensor) -> bool:
     "Can diag(exp lu) Km diag(exp lv) be used as is (the bound L on rows and columns)?"
     if not self.log_domain: return True
-    if not (torch.isfinite(lu).all() and torch.isfinite(lv).all()): return False
     rows = (lu - self.loga).amax(-1) + lv.amax(-1)
     cols = (lv - self.logb).amax(-1) + lu.amax(-1)
-    return bool(torch.maximum(rows, cols).max() < self.L)
+    # a NaN or infinite log makes its sum non-finite and 0 * sum NaN: the finiteness test in the same sync
+    nonfinite = 0 * (lu.sum(-1) + lv.sum(-1))
+    return bool((torch.maximum(rows, cols) + nonfinite).max() < self.L)
 
 # %% ../nbs/20_sinkhorn.ipynb #08e5694d
 @patch
@@ -179,7 +203,7 @@ def column_step(self: _Scaling, KTu: Tensor):
     self.f = self.f + self.u.log()
     torch.add(self.f.unsqueeze(-1), self.x, alpha=self.s, out=self.Km)
     self.g = self.logb - self.col_lse()
-    self.Km.add_(self.g.unsqueeze(-2)).exp_()
+    _exp_(self.Km.add_(self.g.unsqueeze(-2)))
     self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
     self.n_rebuilds += 1
 
@@ -194,8 +218,8 @@ def row_step(self: _Scaling):
         return
     self.g = self.g + self.v.log()
     torch.add(self.g.unsqueeze(-2), self.x, alpha=self.s, out=self.Km)
-    self.f = self.loga - torch.logsumexp(self.Km, dim=-1)
-    self.Km.add_(self.f.unsqueeze(-1)).exp_()
+    self.f = self.loga - _lse(self.Km, dim=-1)
+    _exp_(self.Km.add_(self.f.unsqueeze(-1)))
     self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
     self.n_rebuilds += 1
 
@@ -247,6 +271,7 @@ class _DistScaling(_Scaling):
         if not torch.isfinite(t).all():
             what = "score" if s > 0 else "cost"
             raise ValueError(f"sinkhorn: the {what} matrix contains NaN or inf (on some rank)")
+        self.spread = float((t[0] + t[1]).max())
         return t[0] if s > 0 else -t[1]
 
 # %% ../nbs/20_sinkhorn.ipynb #78904bbe
@@ -261,7 +286,8 @@ def col_lse(self: _DistScaling) -> Tensor:
     "The column log-sum-exp over every rank's rows: the maxima all-reduced, then the shifted sums."
     m = _reduced(self.Km.amax(-2), "max")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m + _reduced((self.Km - m.unsqueeze(-2)).exp().sum(-2)).log()
+    c = math.ceil(math.log(torch.finfo(self.Km.dtype).tiny))                 # as in `_lse`
+    return m + _reduced((self.Km - m.unsqueeze(-2)).clamp_(min=c).exp_().sum(-2)).log()
 
 # %% ../nbs/20_sinkhorn.ipynb #a565ef56
 @patch
@@ -312,7 +338,7 @@ def _iterate(st: _Scaling, n_iters: int, tol: float | None) -> tuple[float, int]
 def _solve(x, epsilon, n_iters, tol, a, b, log_domain, is_cost, normalize, max_iters, full, out,
            rows: bool) -> Tensor | SinkhornResult:
     "`sinkhorn`'s work; `rows`: `x` holds this rank's rows of a problem split across the default group."
-    x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn", finite=not rows)
+    x = _check_problem(x, epsilon, normalize, is_cost, "sinkhorn", finite=False)   # NaN/inf: in `peak`
     if n_iters is None: n_iters = 3 if tol is None else max_iters
     if n_iters < 1: raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
     *lead, B, K = x.shape
@@ -348,7 +374,7 @@ def _fused_kernel(X: Tensor, Km: Tensor, shift: Tensor, s: float, blocks, like: 
     KTu = torch.zeros_like(like)
     for r0, r1 in blocks:
         kb = Km[:, r0:r1]
-        torch.add(shift[:, None, None], X[:, r0:r1], alpha=s, out=kb).exp_()
+        _exp_(torch.add(shift[:, None, None], X[:, r0:r1], alpha=s, out=kb))
         KTu += kb.sum(1)
     return KTu
 
