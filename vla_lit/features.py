@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_features.ipynb #88962ac1
 from __future__ import annotations
-import contextlib, hashlib, io, json, math, os, sys, time
+import contextlib, errno, hashlib, io, json, math, os, sys, time, warnings
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no cross-process lock
 from dataclasses import dataclass
@@ -44,6 +44,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while (b := f.read(chunk)):
             h.update(b)
     return h.hexdigest()
+
+# %% ../nbs/03_features.ipynb #61472863
+def _stat_sig(path) -> list[int]:
+    "What changes whenever a file is written: size, mtime, ctime (no user can set it back) and inode."
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 # %% ../nbs/03_features.ipynb #ba829195
 def _image_signature(path: str, content: bool) -> list:
@@ -109,19 +115,57 @@ def _write_shard(root: Path, k: int, tensors: dict[str, torch.Tensor], ids: list
     if captions is not None: meta["captions"] = json.dumps(captions, ensure_ascii=False)
     _atomic_write(f, lambda p: save_file(tensors, str(p), metadata=meta))
     info = {"file": f.name, "rows": len(ids), "bytes": f.stat().st_size, "sha256": sha256_file(f),
-            "rank": _dist()[0], "skipped": skipped}
+            "sig": _stat_sig(f), "rank": _dist()[0], "skipped": skipped}
     _atomic_write(receipt, lambda p: p.write_text(json.dumps(info, ensure_ascii=False)))
     return info
 
 # %% ../nbs/03_features.ipynb #c0a1b95d
-def _shard_ok(root: Path, k: int, verify: bool) -> dict | None:
-    "The receipt of shard `k` if the shard is done (same size; same SHA-256 when `verify`), else None."
+def _shard_problem(f: Path, rec: dict, memo: dict, full: bool = False) -> str | None:
+    "What is wrong with shard file `f` against its record `rec` (receipt or manifest entry); None if intact."
+    if not f.is_file(): return "missing"
+    sig = _stat_sig(f)
+    if sig[0] != rec["bytes"]: return f"{sig[0]} bytes, {rec['bytes']} when written (truncated?)"
+    if not full and sig in (rec.get("sig"), memo.get(f.name)): return None
+    if sha256_file(f) != rec["sha256"]:
+        return "its SHA-256 differs from the one recorded when it was written (corrupt)"
+    memo[f.name] = sig                       # fully checked: memoised until the file changes
+    return None
+
+# %% ../nbs/03_features.ipynb #5343f7b8
+_CHECKED = "checked.json"   # in a key folder: shard file -> stat signature at its last full SHA-256 check
+
+# %% ../nbs/03_features.ipynb #c65e68fa
+def _read_checked(out: Path) -> dict:
+    "The memo of full checks of the shards in `out` ({} if none or unreadable)."
+    try:
+        return json.loads((out/_CHECKED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+# %% ../nbs/03_features.ipynb #1adfd22a
+def _save_checked(out: Path, memo: dict):
+    "Write the memo of full checks, best effort (a read-only folder is fully checked again next time)."
+    text = json.dumps(memo)
+    with contextlib.suppress(OSError):
+        _atomic_write(out/_CHECKED, lambda p: p.write_text(text))
+
+# %% ../nbs/03_features.ipynb #b343a989
+def _shard_state(root: Path, k: int, verify: bool, memo: dict) -> tuple[dict | None, str | None]:
+    "(receipt, None) if shard `k` is done and intact, (None, why) if damaged, (None, None) if not done."
     f, receipt = _shard_paths(root, k)
-    try: info = json.loads(receipt.read_text())
-    except (OSError, json.JSONDecodeError): return None
-    if not f.is_file() or f.stat().st_size != info["bytes"]: return None
-    if verify and sha256_file(f) != info["sha256"]: return None
-    return info
+    try:
+        info = json.loads(receipt.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable receipt {receipt.name} ({e})"
+    problem = _shard_problem(f, info, memo, full=verify)
+    return (None, problem) if problem else (info, None)
+
+# %% ../nbs/03_features.ipynb #36a695b1
+def _shard_ok(root: Path, k: int, verify: bool, memo: dict | None = None) -> dict | None:
+    "The receipt of shard `k` if done and intact (`_shard_problem`; SHA-256 always if `verify`), else None."
+    return _shard_state(root, k, verify, {} if memo is None else memo)[0]
 
 # %% ../nbs/03_features.ipynb #ab54f66d
 class FeatureCache:
@@ -131,13 +175,17 @@ class FeatureCache:
         mf = self.path/"manifest.json"
         if not mf.is_file():
             raise FileNotFoundError(f"{self.path} holds no finished feature set (no manifest.json)")
-        self.manifest = json.loads(mf.read_text())
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except ValueError as e:
+            raise BadInputError(f"{mf}: unreadable ({e}); rerun the extraction to rebuild it") from e
         self.shards = self.manifest["shards"]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self._handles: dict[int, Any] = {}
         self._ids: list[str] | None = None
         self._captions: list[list[str]] | None = None
         self._pos: dict[str, int] | None = None
+        self._checked: dict | None = None      # memo of full shard checks, read on first use
 
     def __getstate__(self): return {**self.__dict__, "_handles": {}}
     def __len__(self): return int(self.offsets[-1])
@@ -162,24 +210,36 @@ def __repr__(self: FeatureCache) -> str:
 # %% ../nbs/03_features.ipynb #b4eb55e6
 def _extract(kind: str, key: str, key_parts: dict, n: int, shard_size: int,
              produce: Callable[[list[tuple[int, int, int]]], Iterator[tuple[int, dict, list, list]]],
-             pre_skipped: list, root: str | Path | None, recompute: bool, verify: bool) -> FeatureCache:
+             pre_skipped: list, root: str | Path | None, recompute: bool, verify: bool,
+             strict: bool = False) -> FeatureCache:
     "The cache of `key` (in `root`, else the default cache): reused if finished, else computed by `produce`."
     if shard_size <= 0: raise ValueError(f"shard_size must be > 0, got {shard_size}")
     rank, world = _dist()
     out = Path(root)/key if root is not None else cache_dir("features", key)
-    out.mkdir(parents=True, exist_ok=True)
-    with _key_lock(out, world):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS): raise
+        raise PermissionError(f"{out}: no feature set there, and the folder cannot be made ({e.strerror}): "
+                              "pass root= a writable folder") from e
+    with _key_lock(out, world) as writable:
         return _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out, recompute,
-                               verify, rank, world)
+                               verify, rank, world, strict, writable)
 
 # %% ../nbs/03_features.ipynb #1ba42ecc
 @contextlib.contextmanager
 def _key_lock(out: Path, world: int):
-    "Outside torchrun, one process at a time extracts a key; another waits (and then finds the cache)."
+    "Outside torchrun one process at a time extracts a key, another waits; yields whether `out` is writable."
     if world > 1 or fcntl is None:
-        yield
+        yield os.access(out, os.W_OK)
         return
-    with open(out/".lock", "a") as f:
+    try:
+        f = open(out/".lock", "a")
+    except OSError as e:                       # another user's cache, a read-only mount: no lock to take
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS): raise
+        yield False
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -187,35 +247,83 @@ def _key_lock(out: Path, world: int):
             print(msg, file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/03_features.ipynb #07678a2f
-def _finished_cache(out: Path, recompute: bool, verify: bool, rank: int, world: int) -> FeatureCache | None:
-    "The finished cache in `out` if its shards are intact (a bad one drops the manifest); None to compute."
+def _finished_cache(out: Path, recompute: bool, verify: bool, strict: bool, rank: int, world: int,
+                    writable: bool = True) -> tuple[FeatureCache | None, list[str]]:
+    "(The finished cache in `out`, []) if intact, else (None, what is damaged); a damaged one's manifest goes."
     mf = out/"manifest.json"
-    if rank == 0 and recompute and mf.exists(): mf.unlink()
+    if rank == 0 and recompute and writable and mf.exists(): mf.unlink()
     if world > 1: dist.barrier()
-    if not mf.exists(): return None
-    cache = FeatureCache(out)
-    if all(_shard_ok(out, k, verify) for k in range(len(cache.shards))): return cache
-    if rank == 0: mf.unlink(missing_ok=True)
+    if not mf.exists(): return None, []
+    try:
+        cache, problems = FeatureCache(out), []
+    except BadInputError as e:
+        cache, problems = None, [str(e)]
+        if writable: warnings.warn(f"{mf}: unreadable; rebuilding it from the shards")
+    if cache is not None:
+        memo = _read_checked(out)
+        before = dict(memo)
+        states = [_shard_state(out, k, verify, memo) for k in range(len(cache.shards))]
+        problems = [f"{out/s['file']}: {p or 'no receipt'}" for s, (i, p) in zip(cache.shards, states) if not i]
+        if memo != before: _save_checked(out, memo)
+        if not problems:
+            _refuse_lenient(out, [i for i, _ in states], strict)
+            return cache, []
+    if rank == 0 and writable: mf.unlink(missing_ok=True)
     if world > 1: dist.barrier()
-    return None
+    return None, problems
+
+# %% ../nbs/03_features.ipynb #f61e7ce4
+def _refuse_lenient(out: Path, infos: list[dict], strict: bool):
+    "Under `strict`, shards of a lenient run that left items out are refused, as a strict run would stop there."
+    if not strict: return
+    left = [(i["file"], s) for i in infos for s in i.get("skipped", [])]
+    if not left: return
+    file, (where, why) = left[0]
+    what = why if str(why).startswith(str(where)) else f"{where}: {why}"
+    raise BadInputError(f"{what} (left out of {out/file} by an extraction with strict=False, "
+                        f"{len(left)} item(s) in all; strict=True stops at the first bad item, "
+                        "strict=False reads the cache as it is)")
+
+# %% ../nbs/03_features.ipynb #4530dcea
+def _read_only_cache(out: Path, cached: FeatureCache | None, problems: list[str],
+                     recompute: bool) -> FeatureCache:
+    "In a key folder not writable here: its finished, intact cache (said so), else an error saying why not."
+    if cached is None or recompute:
+        damaged = f"its feature set is damaged ({'; '.join(problems[:3])})"
+        why = ("recompute=True was asked" if recompute else damaged if problems else
+               "its feature set is unfinished")
+        raise PermissionError(f"{out} is not writable here and {why}: pass root= a writable folder "
+                              "to compute it")
+    print(f"{out} is not writable here: reading its finished feature set without the lock",
+          file=sys.stderr, flush=True)
+    return cached
 
 # %% ../nbs/03_features.ipynb #59b6c6ff
-def _todo_shards(out: Path, ranges: list, recompute: bool, rank: int, world: int) -> list:
-    "This rank's shards still to compute; removes their temporary leftovers and unfinished files first."
+def _todo_shards(out: Path, ranges: list, recompute: bool, rank: int, world: int) -> tuple[list, list]:
+    "This rank's shards still to compute and the receipts of its done ones; damaged shards are reported."
     mine = [r for r in ranges if r[0] % world == rank]
     for k, _, _ in mine:  # leftovers of a killed writer
         for p in out.glob(f"shard-{k:05d}.*.tmp*"):
             p.unlink(missing_ok=True)
-    todo = [r for r in mine if recompute or not _shard_ok(out, r[0], verify=True)]
+    todo, done = [], []
+    for r in mine:
+        info, problem = (None, None) if recompute else _shard_state(out, r[0], True, {})
+        if problem:
+            warnings.warn(f"feature cache {out}: shard {r[0]} ({_shard_paths(out, r[0])[0].name}) {problem}; "
+                          "recomputing it")
+        if info is None:
+            todo.append(r)
+        else:
+            done.append(info)
     for k, _, _ in todo:
         for p in _shard_paths(out, k):
             p.unlink(missing_ok=True)
-    return todo
+    return todo, done
 
 # %% ../nbs/03_features.ipynb #7cd4d074
 def _tensor_shapes(out: Path, infos: list[dict]) -> dict:
@@ -229,7 +337,8 @@ def _tensor_shapes(out: Path, infos: list[dict]) -> dict:
     return {}
 
 # %% ../nbs/03_features.ipynb #a4f82ce1
-def _write_manifest(out: Path, kind: str, key: str, key_parts: dict, ranges: list, pre_skipped: list):
+def _write_manifest(out: Path, kind: str, key: str, key_parts: dict, ranges: list, pre_skipped: list,
+                    strict: bool = False):
     "Rank 0, once every shard is done: check that all are there, then write `manifest.json` atomically."
     infos = [_shard_ok(out, k, verify=False) for k, _, _ in ranges]
     missing = [k for k, info in zip(range(len(ranges)), infos) if info is None]
@@ -238,34 +347,39 @@ def _write_manifest(out: Path, kind: str, key: str, key_parts: dict, ranges: lis
                 "rows": sum(i["rows"] for i in infos), "tensors": _tensor_shapes(out, infos),
                 "shards": [{k: v for k, v in i.items() if k != "skipped"} for i in infos],
                 "skipped": [list(s) for s in pre_skipped] + [s for i in infos for s in i["skipped"]],
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "strict": strict, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text = json.dumps(manifest, indent=1, ensure_ascii=False)
     _atomic_write(out/"manifest.json", lambda p: p.write_text(text))
 
 # %% ../nbs/03_features.ipynb #b11e58ce
 def _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out: Path, recompute, verify,
-                    rank, world) -> FeatureCache:
+                    rank, world, strict=False, writable=True) -> FeatureCache:
     "Under the key's lock: the finished cache if intact, else this rank's missing shards, then the manifest."
-    cached = _finished_cache(out, recompute, verify, rank, world)
+    cached, problems = _finished_cache(out, recompute and writable, verify, strict, rank, world, writable)
+    if not writable: return _read_only_cache(out, cached, problems, recompute)
     if cached is not None: return cached
     ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
-    todo = _todo_shards(out, ranges, recompute, rank, world)
+    todo, done = _todo_shards(out, ranges, recompute, rank, world)
+    _refuse_lenient(out, done, strict)
     for k, tensors, ids, skipped, *captions in produce(todo):  # each shard written as soon as complete
         _write_shard(out, k, tensors, ids, skipped, *captions)
     if world > 1: dist.barrier()
-    if rank == 0: _write_manifest(out, kind, key, key_parts, ranges, pre_skipped)
+    if rank == 0: _write_manifest(out, kind, key, key_parts, ranges, pre_skipped, strict)
     if world > 1: dist.barrier()
     return FeatureCache(out)
 
 # %% ../nbs/03_features.ipynb #07c25f4e
 @patch
 def _h(self: FeatureCache, k: int):
-    "The `safe_open` handle of shard `k` (opened on first use; a missing or truncated shard is refused)."
+    "The `safe_open` handle of shard `k` (opened on first use; a missing, truncated or changed one is refused)."
     if k not in self._handles:
         f = self.path/self.shards[k]["file"]
-        if not f.is_file() or f.stat().st_size != self.shards[k]["bytes"]:
-            raise BadInputError(f"{f}: shard missing or truncated (expected {self.shards[k]['bytes']} "
-                                "bytes); rerun the extraction to recompute it")
+        if self._checked is None: self._checked = _read_checked(self.path)
+        memo_was = self._checked.get(f.name)
+        problem = _shard_problem(f, self.shards[k], self._checked)
+        if problem:
+            raise BadInputError(f"{f}: {problem}; rerun the extraction to recompute it")
+        if self._checked.get(f.name) != memo_was: _save_checked(self.path, self._checked)
         self._handles[k] = safe_open(str(f), framework="pt")
     return self._handles[k]
 
@@ -829,7 +943,7 @@ def extract_features(encoder, records: RecordSet | Sequence[Record] | WebDataset
         lambda todo: _wds_shards(run, src, urls, todo))
     with _encoder_image_size(encoder, image_size), _encoder_device(encoder, device) as run.move:
         return _extract("vision", feature_key(**parts), parts, n, size, produce, pre_skipped, root,
-                        recompute, verify)
+                        recompute, verify, strict)
 
 # %% ../nbs/03_features.ipynb #7eaf9560
 def caption_key(record_id: str, j: int = 0) -> str:
@@ -935,7 +1049,7 @@ def extract_text_features(lm, texts: Sequence[str] | RecordSet | Sequence[Record
                  compute_dtype=str(cdtype), data=data, n=len(rows))
     run = _TextRun(lm, rows, layer, pooling, templates, batch_size, device, pdtype, cdtype, strict, progress)
     return _extract("text", feature_key(**parts), parts, len(rows), shard_size,
-                    lambda todo: _text_shards(run, todo), pre_skipped, root, recompute, verify)
+                    lambda todo: _text_shards(run, todo), pre_skipped, root, recompute, verify, strict)
 
 # %% ../nbs/03_features.ipynb #dfa32fb8
 def _grid_factor(n: int, grid: int) -> int:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #e3b3d184
 from __future__ import annotations
-import os, re, json, copy, time, shutil, hashlib, tempfile, contextlib
+import os, re, sys, json, copy, time, shutil, socket, difflib, hashlib, tempfile, warnings, contextlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 import numpy as np
@@ -16,7 +16,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoToken
                           Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, BertConfig, BertModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 import huggingface_hub.constants as hf_constants
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache, get_session
+from huggingface_hub.utils import httpx as hub_httpx   # the hub client's HTTP library, whatever its name
 from safetensors.torch import save_file
 from fastcore.basics import patch
 from .core import get_device, default_dtype, cache_dir, embedded_path
@@ -68,7 +69,14 @@ def _known_list(kind=None) -> str:
 
 # %% ../nbs/01_models.ipynb #0ea80ce1
 def _looks_registered(name: str) -> bool:
-    return name.endswith("-embedded") or name.startswith("tiny-random-")
+    "Shaped like a registry name (`*-embedded` or a misspelling such as `*-embeded`, `tiny-random-*`), no '/'."
+    if "/" in name: return False
+    return re.search(r"-emb[a-z]*$", name, re.I) is not None or name.lower().startswith("tiny-random-")
+
+# %% ../nbs/01_models.ipynb #01d516be
+def _close_names(name: str, cutoff: float = 0.75) -> list[str]:
+    "Known names within a typo of `name` (difflib ratio >= `cutoff`, ignoring case), best first."
+    return difflib.get_close_matches(name.lower(), known_models(), n=3, cutoff=cutoff)
 
 # %% ../nbs/01_models.ipynb #a45cfafb
 def _check_name(name: str, kind: str):
@@ -79,9 +87,13 @@ def _check_name(name: str, kind: str):
         other = "load_lm" if reg[name]["kind"] == "lm" else "load_vision"
         raise ModelLoadError(f"{name!r} is a {reg[name]['kind']} model: load it with {other}(); "
                              f"{kind} models here:\n{_known_list(kind)}")
-    if name not in reg and _looks_registered(name) and not Path(name).exists():
-        raise ModelLoadError(f"unknown model {name!r}; the {kind} models known offline are:\n"
-                             f"{_known_list(kind)}\n(or pass a Hugging Face hub id / a local folder)")
+    if name in reg or Path(name).expanduser().exists(): return
+    close = _close_names(name)
+    if _looks_registered(name) or ("/" not in name and _close_names(name, cutoff=0.9)):
+        hint = " or ".join(f"{c!r} (a {reg[c]['kind']} model)" for c in close)
+        raise ModelLoadError(f"unknown model {name!r}" + (f"; did you mean {hint}?" if close else "") +
+                             f"\nThe {kind} models known offline are:\n{_known_list(kind)}\n"
+                             "(or pass a Hugging Face hub id such as 'org/name', or a local folder)")
 
 # %% ../nbs/01_models.ipynb #61a09afc
 def _atomic_write_text(path: Path, text: str):
@@ -92,24 +104,34 @@ def _atomic_write_text(path: Path, text: str):
         f.write(text)
     os.replace(tmp, path)
 
-# %% ../nbs/01_models.ipynb #54d5c840
+# %% ../nbs/01_models.ipynb #14f9e8f0
+def _stat_sig(path) -> list[int]:
+    "What changes whenever a file is written: size, mtime, ctime (no user can set it back) and inode."
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+# %% ../nbs/01_models.ipynb #82a8324d
+def _sha256(path) -> str:
+    "The sha256 (hex) of a file's bytes, read in 4 MiB chunks (never memoised)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+# %% ../nbs/01_models.ipynb #6b62b1b8
 def file_sha256(path) -> str:
-    "The sha256 (hex) of a file's bytes; memoised in `cache_dir('models')` by (path, size, mtime)."
+    "The sha256 (hex) of a file's bytes; memoised in `cache_dir('models')` by path and `_stat_sig`."
     p = Path(path).resolve()
     if re.fullmatch(r"[0-9a-f]{64}", p.name): return p.name          # HF hub blob: named by its sha256
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{p}|" + "|".join(map(str, _stat_sig(p)))
     memo_f = cache_dir("models")/"sha256.json"
     try:
         memo = json.loads(memo_f.read_text())
     except (OSError, ValueError):
         memo = {}
     if key in memo: return memo[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    memo[key] = h.hexdigest()
+    memo[key] = _sha256(p)
     try:
         _atomic_write_text(memo_f, json.dumps(memo, indent=0))   # a lost race only costs a re-hash
     except OSError:
@@ -165,27 +187,117 @@ def _gemma_gguf() -> Path:
     return out
 
 # %% ../nbs/01_models.ipynb #2a0eef06
-_CONVERSION_FORMAT = 1          # bump to invalidate converted copies made by an older converter
+_CONVERSION_FORMAT = 2          # bump to invalidate converted copies made by an older converter
 
-# %% ../nbs/01_models.ipynb #19744707
-def converted_dir(name: str, sources: Sequence[Path], convert, force: bool = False) -> Path:
-    "The cache folder of `name` converted from `sources`; runs `convert(tmp) -> dict` when missing or stale."
-    out = cache_dir("models")/name
-    stamp = {"sources": {Path(s).name: file_sha256(s) for s in sources}, "format": _CONVERSION_FORMAT}
-    meta_f = out/"vla_lit.json"
-    if not force and meta_f.exists():
+# %% ../nbs/01_models.ipynb #a14c4eb1
+_OWN_FILES = ("vla_lit.json", "vla_lit.checked.json")   # a converted copy's stamp and its check memo
+
+# %% ../nbs/01_models.ipynb #5cf420ba
+def _listing(folder: Path) -> dict:
+    "Size and sha256 of every file under `folder` but its stamp and check memo: what a copy must hold."
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in _OWN_FILES}
+
+# %% ../nbs/01_models.ipynb #1fa4cc70
+def _copy_problems(out: Path, files: dict) -> list[str]:
+    "What is wrong with the files of the copy in `out` against `files` (its listing); [] when intact."
+    memo_f = out/"vla_lit.checked.json"
+    try:
+        memo = json.loads(memo_f.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    bad, seen = [], {}
+    for rel, want in files.items():
+        p = out/rel
+        sig = _stat_sig(p) if p.is_file() else None
+        if sig is None:
+            bad.append(f"{p}: missing")
+        elif sig[0] != want["bytes"]:
+            bad.append(f"{p}: {sig[0]} bytes, {want['bytes']} when converted (truncated?)")
+        elif memo.get(rel) != sig and _sha256(p) != want["sha256"]:
+            bad.append(f"{p}: its sha256 differs from the one recorded when it was converted (corrupt)")
+        else:
+            seen[rel] = sig
+    if not bad and seen != memo:
+        with contextlib.suppress(OSError):        # a read-only copy is fully checked again next time
+            _atomic_write_text(memo_f, json.dumps(seen))
+    return bad
+
+# %% ../nbs/01_models.ipynb #0b21fd25
+def _pid_alive(pid: int) -> bool:
+    "Whether process `pid` exists on this host (one of another user counts)."
+    if pid <= 0: return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+# %% ../nbs/01_models.ipynb #90363324
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-(.+)-[^-]+$")   # .<name>.tmp-<pid>-<host>-<random>
+
+# %% ../nbs/01_models.ipynb #ae21059b
+def _temp_dir(parent: Path, name: str) -> Path:
+    "A new temporary folder in `parent` for `name`, named by this process's id and host."
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-{socket.gethostname()}-", dir=parent))
+
+# %% ../nbs/01_models.ipynb #8c81e2a4
+def _stale(p: Path, max_age: float = 3600) -> str | None:
+    "Why temporary `p` is stale (its process is gone, or it is older than `max_age` s), else None."
+    m = _TMP_NAME.match(p.name)
+    if m and m.group(2) == socket.gethostname() and not _pid_alive(int(m.group(1))):
+        return f"left by process {m.group(1)}, which is gone"
+    age = time.time() - p.lstat().st_mtime
+    return f"{age / 3600:.1f} h old" if age > max_age else None
+
+# %% ../nbs/01_models.ipynb #7482da04
+def _clean_stale_temps(parent: Path):
+    "Remove the stale conversion temporaries in `parent` (see `_stale`), saying which."
+    for p in [*parent.glob(".*.tmp-*"), *parent.glob(".tok-*")]:
         try:
-            meta = json.loads(meta_f.read_text())
-            if {k: meta.get(k) for k in stamp} == stamp: return out
-        except ValueError:
-            pass
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
+            why = _stale(p) if p.is_dir() else None
+        except OSError:                    # removed meanwhile by another process
+            continue
+        if why:
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed the stale temporary {p} ({why})", file=sys.stderr, flush=True)
+
+# %% ../nbs/01_models.ipynb #f0073a63
+def _stamp(sources: Sequence[Path]) -> dict:
+    "What a converted copy is made from: its sources' sha256 and the converter's format."
+    return {"sources": {Path(s).name: file_sha256(s) for s in sources}, "format": _CONVERSION_FORMAT}
+
+# %% ../nbs/01_models.ipynb #0ae24888
+def _reusable(out: Path, stamp: dict, then: str = "converting it again") -> bool:
+    "Whether the copy in `out` was made from `stamp` and is intact; a damaged one is reported (a warning)."
+    meta_f = out/"vla_lit.json"
+    if not meta_f.exists(): return False
+    try:
+        meta = json.loads(meta_f.read_text())
+    except ValueError as e:
+        warnings.warn(f"{meta_f}: unreadable ({e}); {then}")
+        return False
+    if {k: meta.get(k) for k in stamp} != stamp: return False
+    bad = _copy_problems(out, meta.get("files", {}))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        warnings.warn(f"damaged converted copy: {bad[0]}{more}; {then}")
+    return not bad
+
+# %% ../nbs/01_models.ipynb #7d4ae4ca
+def _convert_into(out: Path, stamp: dict, convert) -> Path:
+    "Run `convert(tmp) -> dict` in a fresh temporary folder, list and stamp its files, rename it to `out`."
+    tmp = _temp_dir(out.parent, out.name)
     try:
         t0 = time.perf_counter()
         info = convert(tmp) or {}
-        meta = {**stamp, **info, "seconds": round(time.perf_counter() - t0, 2),
+        meta = {**stamp, **info, "seconds": round(time.perf_counter() - t0, 2), "files": _listing(tmp),
                 "transformers": transformers.__version__, "torch": torch.__version__}
         _atomic_write_text(tmp/"vla_lit.json", json.dumps(meta, indent=1))
+        checked = {rel: _stat_sig(tmp/rel) for rel in meta["files"]}    # a folder rename keeps them
+        _atomic_write_text(tmp/"vla_lit.checked.json", json.dumps(checked))
         if out.exists():
             shutil.rmtree(out, ignore_errors=True)
         try:
@@ -195,6 +307,15 @@ def converted_dir(name: str, sources: Sequence[Path], convert, force: bool = Fal
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+# %% ../nbs/01_models.ipynb #19744707
+def converted_dir(name: str, sources: Sequence[Path], convert, force: bool = False) -> Path:
+    "The cache folder of `name` made from `sources` by `convert(tmp) -> dict` (if missing, stale or damaged)."
+    out = cache_dir("models")/name
+    _clean_stale_temps(out.parent)
+    stamp = _stamp(sources)
+    if not force and _reusable(out, stamp): return out
+    return _convert_into(out, stamp, convert)
 
 # %% ../nbs/01_models.ipynb #322bef90
 def conversion_info(name: str) -> dict:
@@ -474,18 +595,18 @@ def _check_texts(texts) -> list[str]:
         if not t.strip(): raise ValueError(f"text {i} is empty")
     return texts
 
+# %% ../nbs/01_models.ipynb #f2b5c642
+def _save_gguf_tokenizer(gguf: Path, out: Path):
+    "Save the tokenizer of the GGUF file `gguf` as a Hugging Face tokenizer folder `out`."
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
 # %% ../nbs/01_models.ipynb #9ee0ca75
 def _smollm2_tokenizer():
+    "SmolLM2's tokenizer: the converted model's when that copy is intact, else converted on its own."
+    src = _embedded_file("smollm2-135m-embedded")
     d = cache_dir("models")/"smollm2-135m-embedded"
-    if (d/"tokenizer.json").exists(): return AutoTokenizer.from_pretrained(d)
-    d = cache_dir("models")/"tokenizer-smollm2-135m"
-    if not (d/"tokenizer.json").exists():
-        src = _embedded_file("smollm2-135m-embedded")
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=d.parent))
-        tok.save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+    if not _reusable(d, _stamp([src]), then="using a tokenizer converted on its own"):
+        d = converted_dir("tokenizer-smollm2-135m", [src], lambda out: _save_gguf_tokenizer(src, out))
     return AutoTokenizer.from_pretrained(d)
 
 # %% ../nbs/01_models.ipynb #f8908594
@@ -642,14 +763,83 @@ def _hub_context():
     "Offline when the environment says so now (huggingface_hub reads `HF_HUB_OFFLINE` only at import)."
     return hub_offline(True) if _env_offline() else contextlib.nullcontext()
 
+# %% ../nbs/01_models.ipynb #daa00161
+def _bound_timeout(request):
+    "httpx request hook: each timeout left unset (None) becomes `HF_HUB_DOWNLOAD_TIMEOUT` seconds."
+    t = request.extensions.get("timeout") or {}
+    limit = float(hf_constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    request.extensions["timeout"] = {k: limit if t.get(k) is None else t[k]
+                                     for k in ("connect", "read", "write", "pool")}
+
+# %% ../nbs/01_models.ipynb #00397fdf
+def _bounded_hub_session():
+    "The hub client's shared HTTP session, with `_bound_timeout` among its request hooks (added once)."
+    s = get_session()
+    hooks = s.event_hooks
+    if _bound_timeout not in hooks["request"]:
+        s.event_hooks = {**hooks, "request": [*hooks["request"], _bound_timeout]}
+    return s
+
+# %% ../nbs/01_models.ipynb #00f9eb09
+def _announce_fetch(name: str):
+    "Say, before the first request, which hub id is fetched from where and with which time limit."
+    if hf_constants.HF_HUB_OFFLINE or Path(name).expanduser().exists(): return
+    keys = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    proxy = next((os.environ[k] for k in keys if os.environ.get(k)), None)
+    via = f" through the proxy {re.sub(r'//[^@/]*@', '//', proxy)}" if proxy else ""
+    print(f"{name}: fetching from the Hugging Face hub at {hf_constants.ENDPOINT}{via} (a request with no "
+          f"answer fails after {hf_constants.HF_HUB_DOWNLOAD_TIMEOUT} s, HF_HUB_DOWNLOAD_TIMEOUT; "
+          "HF_HUB_OFFLINE=1: the local HF cache only) ...", file=sys.stderr, flush=True)
+
+# %% ../nbs/01_models.ipynb #92db8265
+def _probe_hub() -> str | None:
+    "None if the hub answers (any status) within `HF_HUB_ETAG_TIMEOUT` seconds, else why not; one try."
+    try:
+        limit = float(hf_constants.HF_HUB_ETAG_TIMEOUT)
+        _bounded_hub_session().head(f"{hf_constants.ENDPOINT}/", timeout=limit)
+    except hub_httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}"[:200]
+    return None
+
+# %% ../nbs/01_models.ipynb #433c0f4e
+@contextlib.contextmanager
+def _hub_or_cache(name: str):
+    "Around a hub load: say what is fetched, check that the hub answers; if it does not, the HF cache only."
+    if hf_constants.HF_HUB_OFFLINE or Path(name).expanduser().exists():
+        yield None
+        return
+    _announce_fetch(name)
+    why = _probe_hub()
+    if why is None:
+        yield None
+        return
+    print(f"{name}: the hub at {hf_constants.ENDPOINT} did not answer ({why}); "
+          "using the local HF cache only", file=sys.stderr, flush=True)
+    with hub_offline(True):
+        yield why
+
+# %% ../nbs/01_models.ipynb #cbfead17
+def _timed_out(err: BaseException | None) -> bool:
+    "Whether `err` or an exception it came from is a timeout."
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if "timeout" in type(err).__name__.lower() or "timed out" in str(err).lower(): return True
+        err = err.__cause__ or err.__context__
+    return False
+
 # %% ../nbs/01_models.ipynb #552a98a2
-def _offline_error(name: str, kind: str, err: Exception) -> ModelLoadError:
+def _offline_error(name: str, kind: str, err: Exception, unreachable: str | None = None) -> ModelLoadError:
     first = (str(err).splitlines() or [""])[0][:300]
     if "gated" in str(err).lower():
         need = (f"{name!r} is a gated model: request access at https://huggingface.co/{name}, then log in "
                 "(`hf auth login`, or set HF_TOKEN), or pass a local folder with its weights. ")
     elif name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         need = f"There is no folder {name!r} (a local model folder holds config.json and the weights). "
+    elif unreachable or _timed_out(err):
+        need = (f"The hub at {hf_constants.ENDPOINT} did not answer ({unreachable or 'timed out'}; limits: "
+                "HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT; check the network or the proxy in HTTPS_PROXY) "
+                "and the local HF cache has no copy: pass a local folder, or retry when the hub answers. ")
     else:
         need = ("A Hugging Face hub id needs network access (or a copy already in the HF cache), "
                 "or pass a local folder with config.json and the weights. ")
@@ -699,14 +889,17 @@ def _vision_geometry(config, processor) -> tuple[int, int]:
         size = s.get("height") or s.get("shortest_edge") or 224
     return patch, size
 
+# %% ../nbs/01_models.ipynb #23781af9
+_LOAD_ERRORS = (OSError, ValueError, hub_httpx.HTTPError)   # a failed from_pretrained: a ModelLoadError
+
 # %% ../nbs/01_models.ipynb #439acbfd
 def _hub_vision(name: str, device, dtype) -> VisionEncoder:
-    with _hub_context():
+    with _hub_context(), _hub_or_cache(name) as unreachable:
         try:
             config = AutoConfig.from_pretrained(name)
             model = _load_quietly(AutoModel.from_pretrained, name, **_load_kw(device, dtype))
-        except (OSError, ValueError) as err:
-            raise _offline_error(name, "vision", err) from err
+        except _LOAD_ERRORS as err:
+            raise _offline_error(name, "vision", err, unreachable) from err
         try:
             processor = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError):
@@ -744,15 +937,15 @@ def _is_decoder_config(config) -> bool:
 
 # %% ../nbs/01_models.ipynb #9a3b5000
 def _hub_lm(name: str, device, dtype) -> LanguageModel:
-    with _hub_context():
+    with _hub_context(), _hub_or_cache(name) as unreachable:
         try:
             config = AutoConfig.from_pretrained(name)
             is_dec = _is_decoder_config(config)
             tok = AutoTokenizer.from_pretrained(name)
             auto = AutoModelForCausalLM if is_dec else AutoModel
             m = _load_quietly(auto.from_pretrained, name, **_load_kw(device, dtype))
-        except (OSError, ValueError) as err:
-            raise _offline_error(name, "lm", err) from err
+        except _LOAD_ERRORS as err:
+            raise _offline_error(name, "lm", err, unreachable) from err
     if getattr(config, "is_encoder_decoder", False) and hasattr(m, "get_encoder"):
         m = m.get_encoder()   # T5 style: the encoder
     placed = _place(m, device, dtype)
