@@ -8,8 +8,11 @@
   is printed first;
 - a feature shard with a flipped byte (size and mtime kept) is recomputed with a warning naming it, and
   `FeatureCache` refuses to read it;
-- an image edited in place with its size and mtime kept is not seen by the default fingerprint (documented)
-  and is seen with `content_hash=True`;
+- an image edited in place with its size and mtime kept (same key) is seen on the default path by its
+  recorded SHA-256: a warning names it and only its shard is recomputed, equal to a fresh extraction of the
+  edited images; `content_hash=True` gives another key;
+- a copied data set (mtimes kept: same key, new ctimes and inodes, same bytes) is served from the cache,
+  with no forward pass;
 - `strict=True` refuses a cache made by `strict=False` that left an item out, naming the item;
 - a finished cache on a read-only mount is read through `extract_features` (without the lock, said so).
 Models are the tiny RANDOM ones of `vla_lit.models` / `vla_lit.fixtures` (tests only, never pretrained),
@@ -226,25 +229,80 @@ def test_flipped_shard_is_recomputed_and_refused_on_read(tmp_path, enc):
     assert b.verify() == []
 
 
-def test_same_size_image_edit_with_mtime_kept(tmp_path, enc):
-    "The default fingerprint (size + mtime) does not see it, as documented; content_hash=True does."
+def _image_set(tmp_path, n=3):
+    "`n` Tux Paint PNGs copied to tmp_path/img (mtimes kept), as records."
     from vla_lit.data import Record, tuxpaint
-    from vla_lit.features import extract_features
-    src = [r for r in tuxpaint() if str(r.image).endswith(".png")][:2]
+    src = [r for r in tuxpaint() if str(r.image).endswith(".png")]
     (tmp_path / "img").mkdir()
     recs = []
-    for i, r in enumerate(src):
+    for i, r in enumerate(src[:n]):
         shutil.copy2(r.image, tmp_path / "img" / f"{i}.png")
         recs.append(Record(r.id, str(tmp_path / "img" / f"{i}.png"), r.captions))
-    kw = dict(root=tmp_path / "feat", progress=False)
-    before = {ch: extract_features(enc, recs, content_hash=ch, **kw) for ch in (False, True)}
+    return recs, src[n:]
+
+
+def _counting(enc):
+    "A forward hook counting the encoder's forward passes."
+    calls = []
+    return calls, enc.register_forward_hook(lambda *a: calls.append(1))
+
+
+def test_same_size_image_edit_with_mtime_kept(tmp_path, enc):
+    "Same key, seen by the recorded SHA-256 on the default path; only its shard recomputed, as a fresh run."
+    from vla_lit.features import extract_features
+    recs, others = _image_set(tmp_path)
+    kw = dict(root=tmp_path / "feat", progress=False, shard_size=2)
+    before = extract_features(enc, recs, **kw)
+    before_hashed = extract_features(enc, recs, content_hash=True, **kw)
+    cls0 = before["cls"].clone()
+    shard1 = (before.path / "shard-00001.safetensors").stat()
     f = Path(recs[0].image)
-    other = Path(src[1].image).read_bytes()
     st = f.stat()
-    f.write_bytes((other + b"\0" * st.st_size)[:st.st_size] if len(other) <= st.st_size else other[:st.st_size])
+    other = next(Path(r.image).read_bytes() for r in others if Path(r.image).stat().st_size <= st.st_size)
+    time.sleep(0.05)
+    f.write_bytes(other + b"\0" * (st.st_size - len(other)))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert extract_features(enc, recs, **kw).key == before[False].key              # documented limit
-    assert extract_features(enc, recs, content_hash=True, **kw).key != before[True].key
+    calls, hook = _counting(enc)
+    try:
+        with pytest.warns(UserWarning, match=r"shard 0 \(shard-00000\.safetensors\) was computed from other "
+                                             rf"bytes of {re.escape(str(f))}"):
+            after = extract_features(enc, recs, **kw)
+    finally:
+        hook.remove()
+    assert after.key == before.key and len(calls) == 1                       # the key is unchanged
+    assert (after.path / "shard-00001.safetensors").stat().st_ino == shard1.st_ino   # shard 1 kept
+    fresh = extract_features(enc, recs, root=tmp_path / "fresh", progress=False, shard_size=2)
+    assert all(torch.equal(after[n], fresh[n]) for n in after.names) and not torch.equal(after["cls"], cls0)
+    assert extract_features(enc, recs, content_hash=True, **kw).key != before_hashed.key
+
+
+def test_copied_dataset_is_served_from_cache(tmp_path, enc, monkeypatch):
+    "New ctimes and inodes, same bytes and mtimes: same key, each file hashed once, no forward pass."
+    from vla_lit import features
+    from vla_lit.features import extract_features
+    recs, _ = _image_set(tmp_path)
+    kw = dict(root=tmp_path / "feat", progress=False, shard_size=2)
+    before = extract_features(enc, recs, **kw)
+    ref = {n: before[n].clone() for n in before.names}
+    shutil.copytree(tmp_path / "img", tmp_path / "copy")          # copy2: mtimes kept
+    shutil.rmtree(tmp_path / "img")
+    copied = [type(r)(r.id, str(tmp_path / "copy" / Path(r.image).name), r.captions) for r in recs]
+    hashed, sha = [], features.sha256_file
+    monkeypatch.setattr(features, "sha256_file", lambda p, *a: hashed.append(str(p)) or sha(p, *a))
+    calls, hook = _counting(enc)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            after = extract_features(enc, copied, **kw)
+            n_hashed = len(hashed)
+            again = extract_features(enc, copied, **kw)
+    finally:
+        hook.remove()
+    assert after.key == before.key and again.key == before.key and calls == []
+    assert sorted(hashed) == sorted(c.image for c in copied) and n_hashed == len(hashed)   # once, then memoised
+    assert all(torch.equal(again[n], ref[n]) for n in ref)
+    memo = json.loads((after.path / "images-checked.json").read_text())
+    assert sorted(memo) == sorted(c.image for c in copied)
 
 
 def test_strict_refuses_a_lenient_cache(tmp_path, enc):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, errno, hashlib, io, json, math, os, sys, time, warnings
 try: import fcntl
 except ImportError: fcntl = None   # not POSIX: no cross-process lock
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
@@ -52,22 +52,24 @@ def _stat_sig(path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 # %% ../nbs/03_features.ipynb #ba829195
-def _image_signature(path: str, content: bool) -> list:
-    "What identifies an image's bytes: [size, mtime_ns, member] or [SHA-256, member]; 'missing' if absent."
+def _image_signature(path: str, content: bool, stats: dict | None = None) -> list:
+    """What identifies an image's bytes: [size, mtime_ns, member] or [SHA-256, member]; 'missing' if absent.
+    The file's `_stat_sig` goes to `stats` (file -> signature) when given."""
     file, _, member = str(path).partition("::")
     try:
         if content: return [sha256_file(file), member]
-        st = os.stat(file)
-        return [st.st_size, st.st_mtime_ns, member]
+        sig = _stat_sig(file)
+        if stats is not None: stats[file] = sig
+        return [sig[0], sig[1], member]
     except OSError:
         return ["missing", member]
 
 # %% ../nbs/03_features.ipynb #c20fdf2a
-def records_fingerprint(records: Iterable[Record], content: bool = False) -> str:
-    "SHA-256 over (id, image size + mtime, or image content hash) of every record, in order."
+def records_fingerprint(records: Iterable[Record], content: bool = False, stats: dict | None = None) -> str:
+    "SHA-256 over (id, image size + mtime, or content hash) of each record in order; `stats`: as above."
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.id, _image_signature(r.image, content)]).encode())
+        h.update(json.dumps([r.id, _image_signature(r.image, content, stats)]).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -107,8 +109,8 @@ def _shard_paths(root: Path, k: int) -> tuple[Path, Path]:
 
 # %% ../nbs/03_features.ipynb #2271d706
 def _write_shard(root: Path, k: int, tensors: dict[str, torch.Tensor], ids: list[str],
-                 skipped: list, captions: list | None = None) -> dict:
-    "Write shard `k` (tensors, row ids, the rows' captions if given), then its receipt; returns the receipt."
+                 skipped: list, captions: list | None = None, images: list | None = None) -> dict:
+    "Write shard `k` (tensors, row ids, captions if given), then its receipt (with `images` if given)."
     f, receipt = _shard_paths(root, k)
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     meta = {"ids": json.dumps(ids, ensure_ascii=False)}
@@ -116,6 +118,7 @@ def _write_shard(root: Path, k: int, tensors: dict[str, torch.Tensor], ids: list
     _atomic_write(f, lambda p: save_file(tensors, str(p), metadata=meta))
     info = {"file": f.name, "rows": len(ids), "bytes": f.stat().st_size, "sha256": sha256_file(f),
             "sig": _stat_sig(f), "rank": _dist()[0], "skipped": skipped}
+    if images is not None: info["images"] = images
     _atomic_write(receipt, lambda p: p.write_text(json.dumps(info, ensure_ascii=False)))
     return info
 
@@ -135,19 +138,19 @@ def _shard_problem(f: Path, rec: dict, memo: dict, full: bool = False) -> str | 
 _CHECKED = "checked.json"   # in a key folder: shard file -> stat signature at its last full SHA-256 check
 
 # %% ../nbs/03_features.ipynb #c65e68fa
-def _read_checked(out: Path) -> dict:
-    "The memo of full checks of the shards in `out` ({} if none or unreadable)."
+def _read_checked(out: Path, name: str = _CHECKED) -> dict:
+    "The memo of full checks `name` in `out` (of the shards by default; {} if none or unreadable)."
     try:
-        return json.loads((out/_CHECKED).read_text())
+        return json.loads((out/name).read_text())
     except (OSError, ValueError):
         return {}
 
 # %% ../nbs/03_features.ipynb #1adfd22a
-def _save_checked(out: Path, memo: dict):
+def _save_checked(out: Path, memo: dict, name: str = _CHECKED):
     "Write the memo of full checks, best effort (a read-only folder is fully checked again next time)."
     text = json.dumps(memo)
     with contextlib.suppress(OSError):
-        _atomic_write(out/_CHECKED, lambda p: p.write_text(text))
+        _atomic_write(out/name, lambda p: p.write_text(text))
 
 # %% ../nbs/03_features.ipynb #b343a989
 def _shard_state(root: Path, k: int, verify: bool, memo: dict) -> tuple[dict | None, str | None]:
@@ -166,6 +169,72 @@ def _shard_state(root: Path, k: int, verify: bool, memo: dict) -> tuple[dict | N
 def _shard_ok(root: Path, k: int, verify: bool, memo: dict | None = None) -> dict | None:
     "The receipt of shard `k` if done and intact (`_shard_problem`; SHA-256 always if `verify`), else None."
     return _shard_state(root, k, verify, {} if memo is None else memo)[0]
+
+# %% ../nbs/03_features.ipynb #811e8a97
+_IMAGES_CHECKED = "images-checked.json"  # in a key folder: image file -> [stat signature, SHA-256] last matched
+
+# %% ../nbs/03_features.ipynb #758531e4
+@dataclass
+class _ImageFiles:
+    "An extraction's image paths (input order), inputs per shard, and the stat signatures its key saw."
+    paths: list[str]
+    shard_size: int
+    stats: dict = field(default_factory=dict)   # file -> `_stat_sig`, filled while computing the key
+    def of(self, k: int) -> list[str]:
+        "The files of shard `k`, each once in first-use order (the archive of `archive::member`; no URL)."
+        part = self.paths[k * self.shard_size:(k + 1) * self.shard_size]
+        return list(dict.fromkeys(p.partition("::")[0] for p in part if p and "://" not in p))
+
+# %% ../nbs/03_features.ipynb #c25d8caf
+def _file_sig(f: str, stats: dict) -> list[int] | None:
+    "The stat signature of file `f`: the one the key computation saw, else a fresh `stat`; None if absent."
+    if f in stats: return stats[f]
+    try:
+        return _stat_sig(f)
+    except OSError:
+        return None
+
+# %% ../nbs/03_features.ipynb #c7257ec7
+def _record_images(files: Sequence[str], stats: dict, hashes: dict) -> list[list]:
+    "[file, stat signature, SHA-256] of each image file about to be decoded (None, None: absent)."
+    out = []
+    for f in files:
+        sig = _file_sig(f, stats)               # taken before the bytes are read: a later edit is seen
+        try:
+            if sig is not None and f not in hashes: hashes[f] = sha256_file(f)
+        except OSError:
+            sig = None
+        out.append([f, sig, hashes[f] if sig is not None else None])
+    return out
+
+# %% ../nbs/03_features.ipynb #aa2ffc18
+def _image_changed(f: str, rec: list, stats: dict, memo: dict, hashes: dict) -> bool:
+    "Whether file `f` holds other bytes than `rec` recorded; the same bytes under a new signature go to `memo`."
+    _, sig0, sha0 = rec
+    sig = _file_sig(f, stats)
+    if sig is None or sig0 is None: return sig != sig0
+    if sig == sig0 or memo.get(f) == [sig, sha0]: return False
+    try:
+        if f not in hashes: hashes[f] = sha256_file(f)
+    except OSError:
+        return True
+    if hashes[f] != sha0: return True
+    memo[f] = [sig, sha0]                       # a copy, or rewritten with the same bytes
+    return False
+
+# %% ../nbs/03_features.ipynb #412136aa
+def _changed_images(info: dict, files: list[str], stats: dict, memo: dict, hashes: dict) -> list[str]:
+    "The image files of a shard (receipt `info`) whose bytes changed since it was computed."
+    recs = info.get("images")
+    if recs is None: return []                  # a receipt written before images were recorded: unchecked
+    if len(recs) != len(files): return files or ["its image files"]
+    return [f for f, rec in zip(files, recs) if _image_changed(f, rec, stats, memo, hashes)]
+
+# %% ../nbs/03_features.ipynb #39bdc6bb
+def _stale_why(changed: list[str]) -> str:
+    "Why a shard computed from the images `changed` is stale."
+    more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+    return f"was computed from other bytes of {changed[0]}{more} (same size and mtime)"
 
 # %% ../nbs/03_features.ipynb #ab54f66d
 class FeatureCache:
@@ -211,7 +280,7 @@ def __repr__(self: FeatureCache) -> str:
 def _extract(kind: str, key: str, key_parts: dict, n: int, shard_size: int,
              produce: Callable[[list[tuple[int, int, int]]], Iterator[tuple[int, dict, list, list]]],
              pre_skipped: list, root: str | Path | None, recompute: bool, verify: bool,
-             strict: bool = False) -> FeatureCache:
+             strict: bool = False, images: _ImageFiles | None = None) -> FeatureCache:
     "The cache of `key` (in `root`, else the default cache): reused if finished, else computed by `produce`."
     if shard_size <= 0: raise ValueError(f"shard_size must be > 0, got {shard_size}")
     rank, world = _dist()
@@ -224,7 +293,7 @@ def _extract(kind: str, key: str, key_parts: dict, n: int, shard_size: int,
                               "pass root= a writable folder") from e
     with _key_lock(out, world) as writable:
         return _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out, recompute,
-                               verify, rank, world, strict, writable)
+                               verify, rank, world, strict, writable, images)
 
 # %% ../nbs/03_features.ipynb #1ba42ecc
 @contextlib.contextmanager
@@ -253,8 +322,10 @@ def _key_lock(out: Path, world: int):
 
 # %% ../nbs/03_features.ipynb #07678a2f
 def _finished_cache(out: Path, recompute: bool, verify: bool, strict: bool, rank: int, world: int,
-                    writable: bool = True) -> tuple[FeatureCache | None, list[str]]:
-    "(The finished cache in `out`, []) if intact, else (None, what is damaged); a damaged one's manifest goes."
+                    writable: bool = True,
+                    images: _ImageFiles | None = None) -> tuple[FeatureCache | None, list[str]]:
+    """(The finished cache in `out`, []) if intact and computed from the `images` there now, else (None, what is
+    damaged or stale); a damaged or stale one's manifest goes."""
     mf = out/"manifest.json"
     if rank == 0 and recompute and writable and mf.exists(): mf.unlink()
     if world > 1: dist.barrier()
@@ -270,12 +341,25 @@ def _finished_cache(out: Path, recompute: bool, verify: bool, strict: bool, rank
         states = [_shard_state(out, k, verify, memo) for k in range(len(cache.shards))]
         problems = [f"{out/s['file']}: {p or 'no receipt'}" for s, (i, p) in zip(cache.shards, states) if not i]
         if memo != before: _save_checked(out, memo)
+        if not problems and images:
+            problems = _stale_problems(out, [i for i, _ in states], images, writable)
         if not problems:
             _refuse_lenient(out, [i for i, _ in states], strict)
             return cache, []
     if rank == 0 and writable: mf.unlink(missing_ok=True)
     if world > 1: dist.barrier()
     return None, problems
+
+# %% ../nbs/03_features.ipynb #01b1ff98
+def _stale_problems(out: Path, infos: list[dict], images: _ImageFiles, writable: bool) -> list[str]:
+    "The shards of a finished set computed from image bytes since changed; matches memoised if writable."
+    memo, hashes, problems = _read_checked(out, _IMAGES_CHECKED), {}, []
+    before = dict(memo)
+    for k, info in enumerate(infos):
+        changed = _changed_images(info, images.of(k), images.stats, memo, hashes)
+        if changed: problems.append(f"{out/info['file']} {_stale_why(changed)}")
+    if writable and memo != before: _save_checked(out, memo, _IMAGES_CHECKED)
+    return problems
 
 # %% ../nbs/03_features.ipynb #f61e7ce4
 def _refuse_lenient(out: Path, infos: list[dict], strict: bool):
@@ -304,15 +388,19 @@ def _read_only_cache(out: Path, cached: FeatureCache | None, problems: list[str]
     return cached
 
 # %% ../nbs/03_features.ipynb #59b6c6ff
-def _todo_shards(out: Path, ranges: list, recompute: bool, rank: int, world: int) -> tuple[list, list]:
-    "This rank's shards still to compute and the receipts of its done ones; damaged shards are reported."
+def _todo_shards(out: Path, ranges: list, recompute: bool, rank: int, world: int,
+                 images: _ImageFiles | None = None) -> tuple[list, list]:
+    "This rank's shards still to compute and the receipts of its done ones; damaged or stale ones are reported."
     mine = [r for r in ranges if r[0] % world == rank]
     for k, _, _ in mine:  # leftovers of a killed writer
         for p in out.glob(f"shard-{k:05d}.*.tmp*"):
             p.unlink(missing_ok=True)
     todo, done = [], []
+    memo, hashes = _read_checked(out, _IMAGES_CHECKED) if images else {}, {}
     for r in mine:
         info, problem = (None, None) if recompute else _shard_state(out, r[0], True, {})
+        changed = _changed_images(info, images.of(r[0]), images.stats, memo, hashes) if info and images else []
+        if changed: info, problem = None, _stale_why(changed)
         if problem:
             warnings.warn(f"feature cache {out}: shard {r[0]} ({_shard_paths(out, r[0])[0].name}) {problem}; "
                           "recomputing it")
@@ -345,7 +433,7 @@ def _write_manifest(out: Path, kind: str, key: str, key_parts: dict, ranges: lis
     if missing: raise RuntimeError(f"{out}: shards {missing} are missing after extraction (a rank failed?)")
     manifest = {"format": FORMAT_VERSION, "kind": kind, "key": key, "key_parts": key_parts,
                 "rows": sum(i["rows"] for i in infos), "tensors": _tensor_shapes(out, infos),
-                "shards": [{k: v for k, v in i.items() if k != "skipped"} for i in infos],
+                "shards": [{k: v for k, v in i.items() if k not in ("skipped", "images")} for i in infos],
                 "skipped": [list(s) for s in pre_skipped] + [s for i in infos for s in i["skipped"]],
                 "strict": strict, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text = json.dumps(manifest, indent=1, ensure_ascii=False)
@@ -353,16 +441,19 @@ def _write_manifest(out: Path, kind: str, key: str, key_parts: dict, ranges: lis
 
 # %% ../nbs/03_features.ipynb #b11e58ce
 def _extract_locked(kind, key, key_parts, n, shard_size, produce, pre_skipped, out: Path, recompute, verify,
-                    rank, world, strict=False, writable=True) -> FeatureCache:
+                    rank, world, strict=False, writable=True, images=None) -> FeatureCache:
     "Under the key's lock: the finished cache if intact, else this rank's missing shards, then the manifest."
-    cached, problems = _finished_cache(out, recompute and writable, verify, strict, rank, world, writable)
+    cached, problems = _finished_cache(out, recompute and writable, verify, strict, rank, world, writable,
+                                       images)
     if not writable: return _read_only_cache(out, cached, problems, recompute)
     if cached is not None: return cached
     ranges = [(k, s, min(s + shard_size, n)) for k, s in enumerate(range(0, n, shard_size))]
-    todo, done = _todo_shards(out, ranges, recompute, rank, world)
+    todo, done = _todo_shards(out, ranges, recompute, rank, world, images)
     _refuse_lenient(out, done, strict)
+    hashes = {}                                   # each image file hashed once, before any is decoded
+    seen = {k: _record_images(images.of(k), images.stats, hashes) for k, _, _ in todo} if images else {}
     for k, tensors, ids, skipped, *captions in produce(todo):  # each shard written as soon as complete
-        _write_shard(out, k, tensors, ids, skipped, *captions)
+        _write_shard(out, k, tensors, ids, skipped, *captions, images=seen.get(k))
     if world > 1: dist.barrier()
     if rank == 0: _write_manifest(out, kind, key, key_parts, ranges, pre_skipped, strict)
     if world > 1: dist.barrier()
@@ -699,7 +790,7 @@ def _vision_shards(run: _VisionRun, todo: list) -> Iterator[tuple[int, dict, lis
 
 # %% ../nbs/03_features.ipynb #0ab99d90
 def _vision_key_parts(encoder, records: list, pooling: tuple, cdtype: torch.dtype, sdtype: torch.dtype,
-                      content_hash: bool, image_size: int | None) -> dict:
+                      content_hash: bool, image_size: int | None, stats: dict | None = None) -> dict:
     "What vision features depend on: model, preprocessing (with the input side), pooling, dtypes, data."
     prep = {a: getattr(encoder, a, None) for a in ("image_size", "patch_size", "mean", "std")}
     if image_size is not None: prep["image_size"] = int(image_size)
@@ -707,7 +798,7 @@ def _vision_key_parts(encoder, records: list, pooling: tuple, cdtype: torch.dtyp
              "load_image": "rgba-over-white,svg<=512"}
     return dict(kind="vision", model=encoder.fingerprint, preprocess=prep, pooling=sorted(pooling),
                 compute_dtype=str(cdtype), store_dtype=str(sdtype),
-                data=records_fingerprint(records, content_hash), n=len(records))
+                data=records_fingerprint(records, content_hash, stats), n=len(records))
 
 # %% ../nbs/03_features.ipynb #6eb14c50
 @dataclass(frozen=True)
@@ -881,30 +972,31 @@ def _wds_shards(run: _VisionRun, src: WebDatasetSource, urls: list[str], todo: l
         del it
 
 # %% ../nbs/03_features.ipynb #852dfd1a
-def _shards_fingerprint(urls: Sequence[str], content: bool) -> str:
+def _shards_fingerprint(urls: Sequence[str], content: bool, stats: dict | None = None) -> str:
     "SHA-256 over (url, file size + mtime or content hash) of every shard in order; a remote URL: its name."
     h = hashlib.sha256()
     for u in urls:
-        sig = [] if "://" in u else _image_signature(u, content)
+        sig = [] if "://" in u else _image_signature(u, content, stats)
         h.update(json.dumps([u, sig]).encode())
         h.update(b"\n")
     return h.hexdigest()
 
 # %% ../nbs/03_features.ipynb #fda1adbe
 def _wds_key_parts(encoder, src: WebDatasetSource, urls: list[str], pooling: tuple, cdtype: torch.dtype,
-                   sdtype: torch.dtype, content_hash: bool, image_size: int | None) -> dict:
+                   sdtype: torch.dtype, content_hash: bool, image_size: int | None,
+                   stats: dict | None = None) -> dict:
     "What streamed features depend on: as `_vision_key_parts`, with the shards and the set's name as data."
     parts = _vision_key_parts(encoder, [], pooling, cdtype, sdtype, content_hash, image_size)
     parts["preprocess"]["load_image"] = "rgba-over-white"
     return parts | dict(source="wds", name=src.name, image_members=list(WDS_IMAGE_EXTS),
-                        data=_shards_fingerprint(urls, content_hash), n=len(urls))
+                        data=_shards_fingerprint(urls, content_hash, stats), n=len(urls))
 
 # %% ../nbs/03_features.ipynb #fb640453
-def _record_job(encoder, records, pooling, cdtype, sdtype, content_hash, image_size, shard_size):
+def _record_job(encoder, records, pooling, cdtype, sdtype, content_hash, image_size, shard_size, stats=None):
     "(records, key parts, n, shard size, skipped by the reader) of an extraction over records."
     pre_skipped = list(getattr(records, "skipped", []))
     records = list(records)
-    parts = _vision_key_parts(encoder, records, pooling, cdtype, sdtype, content_hash, image_size)
+    parts = _vision_key_parts(encoder, records, pooling, cdtype, sdtype, content_hash, image_size, stats)
     return records, parts, len(records), shard_size, pre_skipped
 
 # %% ../nbs/03_features.ipynb #4fd50e1a
@@ -928,22 +1020,24 @@ def extract_features(encoder, records: RecordSet | Sequence[Record] | WebDataset
     home, pdtype = _encoder_place(encoder)
     cdtype = _as_dtype(dtype) or pdtype
     sdtype = _as_dtype(store_dtype) or cdtype
-    src = _as_wds_source(records)
+    src, stats = _as_wds_source(records), {}
     if src is None:
         records, parts, n, size, pre_skipped = _record_job(encoder, records, pooling, cdtype, sdtype,
-                                                           content_hash, image_size, shard_size)
+                                                           content_hash, image_size, shard_size, stats)
     else:
         urls = src.shards()
-        parts = _wds_key_parts(encoder, src, urls, pooling, cdtype, sdtype, content_hash, image_size)
+        parts = _wds_key_parts(encoder, src, urls, pooling, cdtype, sdtype, content_hash, image_size, stats)
         records, n, size, pre_skipped = [], len(urls), 1, []
     run = _VisionRun(encoder, records, pooling, batch_size, num_workers,
                      torch.device(device) if device is not None else home, pdtype, cdtype, sdtype, strict,
                      progress, image_size)
     produce = (lambda todo: _vision_shards(run, todo)) if src is None else (
         lambda todo: _wds_shards(run, src, urls, todo))
+    paths = [str(r.image) for r in records] if src is None else urls
+    images = None if content_hash else _ImageFiles(paths, size, stats)    # content_hash: the key has the bytes
     with _encoder_image_size(encoder, image_size), _encoder_device(encoder, device) as run.move:
         return _extract("vision", feature_key(**parts), parts, n, size, produce, pre_skipped, root,
-                        recompute, verify, strict)
+                        recompute, verify, strict, images)
 
 # %% ../nbs/03_features.ipynb #7eaf9560
 def caption_key(record_id: str, j: int = 0) -> str:
