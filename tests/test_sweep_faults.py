@@ -61,8 +61,11 @@ def alive(pid: int) -> bool:
 
 def start_runner(f: Path, tmp: Path) -> subprocess.Popen:
     "`vla_lit sweep` in a session of its own (as a scheduler or a login shell would start it)."
+    # SIGHUP back to its default: under `nohup` (a CI wrapper) the test process inherits it ignored, and the
+    # runner rightly keeps an ignored SIGHUP ignored
     return subprocess.Popen([*CLI, "sweep", str(f), "--out", str(tmp/"runs"), "--jobs", "2", "--no-collect"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
 
 
 def started(sd: Path) -> list[int]:
