@@ -18,7 +18,7 @@ except ImportError:
     resource = None
 
 # %% auto #0
-__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'write_json', 'peak_memory',
+__all__ = ['get_device', 'default_dtype', 'seed_everything', 'RunConfig', 'cache_dir', 'write_json', 'pid_alive', 'peak_memory',
            'write_metrics', 'free_memory', 'embedded_root', 'embedded_path', 'dist_info', 'init_distributed']
 
 # %% ../nbs/00_core.ipynb #2024ba17
@@ -162,6 +162,18 @@ def write_json(path: str | Path, obj, **dumps) -> Path:
     with os.fdopen(fd, "w") as f: f.write(json.dumps(obj, **dumps))
     os.replace(tmp, path)
     return path
+
+# %% ../nbs/00_core.ipynb #5ce2ecd2
+def pid_alive(pid: int) -> bool:
+    "Whether process `pid` exists on this host (`os.kill(pid, 0)`; another user's process counts)."
+    if pid <= 0: return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 # %% ../nbs/00_core.ipynb #5f369cd7
 def peak_memory() -> dict[str, float]:

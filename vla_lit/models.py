@@ -20,7 +20,7 @@ from huggingface_hub import try_to_load_from_cache, get_session
 from huggingface_hub.utils import httpx as hub_httpx   # the hub client's HTTP library, whatever its name
 from safetensors.torch import save_file
 from fastcore.basics import patch
-from .core import get_device, default_dtype, cache_dir, embedded_path
+from .core import get_device, default_dtype, cache_dir, embedded_path, pid_alive
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODELS', 'TINY_RANDOM_MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'POOLINGS', 'CHECK_PROMPT', 'ModelLoadError',
@@ -223,18 +223,6 @@ def _copy_problems(out: Path, files: dict) -> list[str]:
             _atomic_write_text(memo_f, json.dumps(seen))
     return bad
 
-# %% ../nbs/01_models.ipynb #0b21fd25
-def _pid_alive(pid: int) -> bool:
-    "Whether process `pid` exists on this host (one of another user counts)."
-    if pid <= 0: return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 # %% ../nbs/01_models.ipynb #90363324
 _TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-(.+)-[^-]+$")   # .<name>.tmp-<pid>-<host>-<random>
 
@@ -247,7 +235,7 @@ def _temp_dir(parent: Path, name: str) -> Path:
 def _stale(p: Path, max_age: float = 3600) -> str | None:
     "Why temporary `p` is stale (its process is gone, or it is older than `max_age` s), else None."
     m = _TMP_NAME.match(p.name)
-    if m and m.group(2) == socket.gethostname() and not _pid_alive(int(m.group(1))):
+    if m and m.group(2) == socket.gethostname() and not pid_alive(int(m.group(1))):
         return f"left by process {m.group(1)}, which is gone"
     age = time.time() - p.lstat().st_mtime
     return f"{age / 3600:.1f} h old" if age > max_age else None

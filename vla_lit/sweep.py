@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 import vla_lit
 from . import __version__
-from .core import write_json
+from .core import pid_alive, write_json
 # nbformat, papermill, pandas, tqdm and submitit are imported inside the functions that use them: importing
 # this
 # module (the `vla_lit` command, every run's own process) stays fast, and only the runner pays for them.
@@ -671,17 +671,6 @@ def _lock_run(d: Path, wait: float = 0.0) -> int | None:
     os.write(fd, f"pid {os.getpid()} on {platform.node()} since {_now()}\n".encode())
     return fd
 
-# %% ../nbs/50_sweep.ipynb #01da3cf0
-def _pid_alive(pid: int) -> bool:
-    "Whether process `pid` exists on this host (`os.kill(pid, 0)`; another user's process counts)."
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 # %% ../nbs/50_sweep.ipynb #486483c0
 def _proc_run_dir(pid) -> str | None:
     "The run folder that process `pid` executes (`_run_notebook DIR` in its /proc command line), else None."
@@ -700,7 +689,7 @@ def _live_pid(d: Path) -> int | None:
     st = _read_json(d/"status.json") or {}
     if st.get("host") not in (None, platform.node()): return None    # another host's process: the lock decides
     want, pid, proc = os.path.realpath(d), st.get("pid"), Path("/proc/self").exists()
-    if isinstance(pid, int) and _pid_alive(pid) and (not proc or _proc_run_dir(pid) == want): return pid
+    if isinstance(pid, int) and pid_alive(pid) and (not proc or _proc_run_dir(pid) == want): return pid
     if not proc: return None
     live = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _proc_run_dir(p.name) == want)
     return next(live, None)
@@ -713,7 +702,7 @@ def _claim(d: Path) -> tuple:
     st = _read_json(d/"status.json") or {}
     rp = st.get("runner_pid")
     orphan = st.get("status") == "running" and st.get("host") == platform.node() and isinstance(rp, int)
-    lock = _lock_run(d, wait=15.0 if orphan and not _pid_alive(rp) else 0.0)
+    lock = _lock_run(d, wait=15.0 if orphan and not pid_alive(rp) else 0.0)
     if lock is None:
         holder = (d/".lock").read_text().strip() if (d/".lock").exists() else "?"
         return None, _busy(d, f"another process holds its lock ({holder}): another runner executes it")
