@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_decoder.ipynb #c9daa60d
 from __future__ import annotations
-import copy, hashlib, json, shutil, warnings
+import copy, hashlib, importlib.resources, json, shutil, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from PIL import Image
 from tqdm.auto import tqdm
-from .core import RunConfig, cache_dir, get_device, seed_everything
+from .core import RunConfig, cache_dir, get_device, seed_everything, write_json
 from .data import BadInputError, load_image
 from .losses import diffusion_target
 from .models import LanguageModel, freeze, load_lm
@@ -23,9 +23,11 @@ from .t2i import (T2IDecoder, diffusion_mse, encode_embeds, input_embedding, pro
 from .train import train
 
 # %% auto #0
-__all__ = ['DEFAULT_DECODER', 'images_to_pixels', 'pixels_to_images', 'pixel_unet', 'pixel_scheduler', 'pixel_decoder',
-           'caption_context', 'DecoderPretraining', 'default_decoder_dir', 'save_decoder', 'load_decoder',
-           'record_pixels', 'pretrain_decoder', 'denoising_loss', 'find_or_pretrain_decoder', 'generate']
+__all__ = ['DEFAULT_DECODER', 'SHIPPED_DECODERS', 'images_to_pixels', 'pixels_to_images', 'pixel_unet', 'pixel_scheduler',
+           'pixel_decoder', 'caption_context', 'DecoderPretraining', 'default_decoder_dir', 'save_decoder',
+           'load_decoder', 'record_pixels', 'pretrain_decoder', 'denoising_loss', 'generate',
+           'training_data_fingerprint', 'load_shipped_decoder', 'ship_decoder', 'install_shipped_decoder',
+           'find_or_pretrain_decoder']
 
 # %% ../nbs/41_decoder.ipynb #f1f837c4
 def images_to_pixels(images: Sequence[Image.Image], size: int = 32) -> torch.Tensor:
@@ -168,6 +170,15 @@ def save_decoder(decoder: T2IDecoder, path: str | Path, lm, info: dict | None = 
     (path / "decoder.json").write_text(json.dumps(meta, indent=2))
     return path
 
+# %% ../nbs/41_decoder.ipynb #c2458b44
+def _named_lm(meta: dict, lm, device, where) -> LanguageModel:
+    "The text encoder that a decoder's metadata names (loaded if `lm` is None), refused on another fingerprint."
+    lm = lm if lm is not None else load_lm(meta["text_encoder"], device=device)
+    if lm.fingerprint != meta["text_encoder_fingerprint"]:
+        raise ValueError(f"decoder at {where} was trained with text encoder {meta['text_encoder']} "
+                         f"({meta['text_encoder_fingerprint']}), not {lm.name} ({lm.fingerprint})")
+    return lm
+
 # %% ../nbs/41_decoder.ipynb #8278e4ff
 def load_decoder(path: str | Path | None = None, lm=None, device=None) -> T2IDecoder:
     "Load a pixel decoder saved by `save_decoder` (default: `default_decoder_dir()`) with the LM it names."
@@ -178,10 +189,7 @@ def load_decoder(path: str | Path | None = None, lm=None, device=None) -> T2IDec
                                 f"nbs/experiments/vilex_decoder_pretrain.ipynb "
                                 f"(or `vla_lit sweep sweeps/vilex_embedded.yaml`) first")
     meta = json.loads((path / "decoder.json").read_text())
-    lm = lm if lm is not None else load_lm(meta["text_encoder"], device=device)
-    if lm.fingerprint != meta["text_encoder_fingerprint"]:
-        raise ValueError(f"decoder at {path} was trained with text encoder {meta['text_encoder']} "
-                         f"({meta['text_encoder_fingerprint']}), not {lm.name} ({lm.fingerprint})")
+    lm = _named_lm(meta, lm, device, path)
     unet = UNet2DConditionModel.from_pretrained(path / "unet").to(device or lm.device)
     d = pixel_decoder(lm, unet, name=meta.get("name", path.name))
     d.scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
@@ -336,6 +344,119 @@ def denoising_loss(decoder: T2IDecoder, pixels: torch.Tensor, context: torch.Ten
             out[s] += ((pred - diffusion_target(sch, x0, e, t)) ** 2).flatten(1).mean(1).cpu() / n_t
     return out
 
+# %% ../nbs/41_decoder.ipynb #2bed2e42
+@torch.no_grad()
+def generate(decoder: T2IDecoder, captions: Sequence[str], guidance: float = 3.0, steps: int = 25,
+             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    "Caption-conditioned samples [B,3,H,W] in [-1,1] (DDIM + classifier-free guidance)."
+    ctx = {"caption": caption_context(decoder, captions),
+           "null": caption_context(decoder, [""] * len(captions))}
+    weights = {"null": 1.0 - guidance, "caption": guidance}
+    return sample_images(decoder, ctx, weights, len(captions), steps, generator, progress)
+
+# %% ../nbs/41_decoder.ipynb #f8c8b91a
+SHIPPED_DECODERS = Path(str(importlib.resources.files("vla_lit"))) / "weights" / "decoder"   # shipped weights
+
+# %% ../nbs/41_decoder.ipynb #7afa5e25
+def training_data_fingerprint(records) -> str:
+    "sha256 (16 hex) of records' ids, first captions and image bytes: what a decoder learns from, path-free."
+    h = hashlib.sha256()
+    for r in records:
+        p = Path(str(r.image))
+        if not p.is_file():
+            raise ValueError(f"training_data_fingerprint: record {r.id!r}: image {r.image!r} is not a local file")
+        h.update(json.dumps([r.id, r.captions[0] if r.captions else None]).encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+# %% ../nbs/41_decoder.ipynb #cfe8665b
+def _shipped_files(name: str, where: str | Path | None) -> tuple[dict, Path]:
+    "The fingerprint of shipped decoder `name` in `where` (default: the package's) and its weights' path."
+    where = Path(where) if where is not None else SHIPPED_DECODERS
+    meta = where / f"{name}.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"no shipped decoder {name!r} in {where} ({meta.name} missing)")
+    fp = json.loads(meta.read_text())
+    wpath = where / fp["file"]
+    if not wpath.exists():
+        raise FileNotFoundError(f"shipped decoder {name!r}: {wpath} missing (named by {meta})")
+    return fp, wpath
+
+# %% ../nbs/41_decoder.ipynb #b05cb956
+def _file_sha256(path: Path) -> str:
+    "sha256 (hex) of a file's bytes."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+# %% ../nbs/41_decoder.ipynb #1b84193c
+def load_shipped_decoder(name: str = DEFAULT_DECODER, lm=None, device=None,
+                         where: str | Path | None = None) -> T2IDecoder:
+    "The shipped decoder `name` (`<name>.safetensors` + `<name>.json` in `where`), its sha256 checked first."
+    from diffusers import UNet2DConditionModel, DDPMScheduler                     # slow import: only here
+    from safetensors.torch import load_file
+    fp, wpath = _shipped_files(name, where)
+    got = _file_sha256(wpath)
+    if got != fp["sha256"]:
+        raise ValueError(f"shipped decoder weights {wpath} have sha256 {got}, but {name}.json records "
+                         f"{fp['sha256']}: not the fingerprinted file (damaged, replaced, or a git-lfs pointer); "
+                         f"restore it, or regenerate weights and fingerprint with: {fp['regenerate']}")
+    lm = _named_lm(fp["decoder"], lm, device, wpath)
+    unet = UNet2DConditionModel.from_config(fp["unet_config"])
+    unet.load_state_dict({k: v.float() for k, v in load_file(wpath).items()})
+    d = pixel_decoder(lm, unet.to(device or lm.device).eval(), name=fp["decoder"].get("name", name))
+    d.scheduler = DDPMScheduler.from_config(fp["scheduler_config"])
+    d.info = {**fp["decoder"], "shipped_sha256": got}
+    return d
+
+# %% ../nbs/41_decoder.ipynb #5e1f0c2a
+def _portable(config) -> dict:
+    "A diffusers config as a plain dict, without the local path it was loaded from."
+    return {k: v for k, v in dict(config).items() if k != "_name_or_path"}
+
+# %% ../nbs/41_decoder.ipynb #52588652
+def ship_decoder(src: str | Path, dst: str | Path, name: str, dtype: str = "float16", command: str = "",
+                 extra: dict | None = None, captions: Sequence[str] = ("A frog.", "A red apple.", "A sun."),
+                 lm=None, guidance: float = 3.0, steps: int = 25) -> dict:
+    "Write checkpoint `src`'s EMA UNet as `dst/<name>.safetensors` (`dtype`) and its fingerprint `<name>.json`."
+    from safetensors.torch import save_file
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"ship_decoder: dtype must be 'float16', 'bfloat16' or 'float32', got {dtype!r}")
+    d = load_decoder(src, lm)
+    if not d.info.get("complete", True):
+        raise ValueError(f"ship_decoder: {src} is an unfinished pre-training run ({d.info.get('steps')} steps)")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    wpath = dst / f"{name}.safetensors"
+    cast = lambda v: v.detach().to("cpu", getattr(torch, dtype)).contiguous()
+    save_file({k: cast(v) for k, v in d.unet.state_dict().items()}, wpath)
+    wpath.chmod(0o644)                                            # readable by every user of an installed package
+    fp = {"name": name, "file": wpath.name, "sha256": _file_sha256(wpath), "bytes": wpath.stat().st_size,
+          "dtype": dtype, "regenerate": command, **(extra or {}),
+          "unet_config": _portable(d.unet.config), "scheduler_config": _portable(d.scheduler.config),
+          "decoder": {k: v for k, v in d.info.items() if k != "losses"}}
+    write_json(dst / f"{name}.json", fp, indent=1)
+    shipped = load_shipped_decoder(name, lm, where=dst)
+    g = lambda dec: generate(dec, list(captions), guidance, steps, torch.Generator().manual_seed(0))
+    fp["sample_max_abs_diff"] = float((g(shipped) - g(d)).abs().max())
+    write_json(dst / f"{name}.json", fp, indent=1)
+    return fp
+
+# %% ../nbs/41_decoder.ipynb #09a2b522
+def install_shipped_decoder(name: str = DEFAULT_DECODER, dst: str | Path | None = None,
+                            where: str | Path | None = None, device=None) -> Path:
+    "Verify shipped decoder `name` and save it as a checkpoint folder `dst` (default: its cache folder)."
+    dst = Path(dst) if dst is not None else default_decoder_dir(name, create=True)
+    if (dst / "decoder.json").exists() or (dst / "last.pt").exists():
+        raise FileExistsError(f"install_shipped_decoder: {dst} already holds a decoder or a pre-training run; "
+                              f"finish or use it, or delete that folder to install the shipped {name!r}")
+    fp, wpath = _shipped_files(name, where)
+    lm = _named_lm(fp["decoder"], None, device, wpath)
+    d = load_shipped_decoder(name, lm, device, where)
+    return save_decoder(d, dst, lm, {**d.info, "complete": True})
+
 # %% ../nbs/41_decoder.ipynb #e008c6f0
 def _finished(where: Path, explicit: bool) -> bool:
     "A decoder folder to use as it is: it has a decoder.json and is complete (explicit folders: any state)."
@@ -365,28 +486,24 @@ def find_or_pretrain_decoder(name: str = DEFAULT_DECODER, ckpt: str | Path | Non
                              hub_id: str | None = None, records=None,
                              lm: str | LanguageModel = "minilm-l6-embedded", pretrain_steps: int = 300,
                              batch_size: int = 16, prediction_type: str = "v_prediction", device=None,
-                             **pretrain_kw) -> tuple[T2IDecoder, dict]:
-    "A ViLex run's frozen decoder and {'steps', 'quick', 'path'}: hub model, checkpoint, cache or quick one."
+                             shipped_dir: str | Path | None = None, **pretrain_kw) -> tuple[T2IDecoder, dict]:
+    "A run's frozen decoder, {'steps', 'quick', 'path', 'sha256'}: hub, checkpoint, cache, shipped or quick one."
     dev = get_device(device)
     if hub_id:
-        return T2IDecoder.from_pretrained(hub_id, device=dev), {"steps": -1, "quick": None, "path": None}
+        return T2IDecoder.from_pretrained(hub_id, device=dev), {"steps": -1, "quick": None, "path": None,
+                                                                  "sha256": None}
     where = Path(ckpt) if ckpt else default_decoder_dir(name)
+    shipped = Path(shipped_dir) if shipped_dir is not None else SHIPPED_DECODERS
+    if not ckpt and not _finished(where, explicit=False) and (shipped / f"{name}.json").exists():
+        install_shipped_decoder(name, where, shipped, dev)
     if not _finished(where, explicit=bool(ckpt)):
         if not pretrain_steps or records is None:
-            raise FileNotFoundError(f"no finished decoder at {where}; run vilex_decoder_pretrain.ipynb, "
-                                    f"or give records and pretrain_steps to pre-train a quick one")
+            raise FileNotFoundError(f"no finished decoder at {where} and none shipped as {name!r} in {shipped}; "
+                                    f"run vilex_decoder_pretrain.ipynb, or give records and pretrain_steps to "
+                                    f"pre-train a quick one")
         where = _quick_decoder(name, records, lm, pretrain_steps, batch_size, prediction_type, dev,
                                **pretrain_kw)
     decoder = load_decoder(where, device=dev)
     quick = where.name != (Path(ckpt).name if ckpt else name)
-    return decoder, {"steps": decoder.info["steps"], "quick": quick, "path": where}
-
-# %% ../nbs/41_decoder.ipynb #2bed2e42
-@torch.no_grad()
-def generate(decoder: T2IDecoder, captions: Sequence[str], guidance: float = 3.0, steps: int = 25,
-             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    "Caption-conditioned samples [B,3,H,W] in [-1,1] (DDIM + classifier-free guidance)."
-    ctx = {"caption": caption_context(decoder, captions),
-           "null": caption_context(decoder, [""] * len(captions))}
-    weights = {"null": 1.0 - guidance, "caption": guidance}
-    return sample_images(decoder, ctx, weights, len(captions), steps, generator, progress)
+    return decoder, {"steps": decoder.info["steps"], "quick": quick, "path": where,
+                     "sha256": decoder.info.get("shipped_sha256")}
