@@ -8,7 +8,7 @@ import sys, time, signal, argparse
 import yaml
 from pathlib import Path
 from .sweep import EXECUTORS, SweepError, run_sweep, run_notebook_child, _repo_root
-from .results import collect, write_summary_notebook
+from .results import collect, write_claims, write_summary_notebook
 from .evaluate import eval_sets, score_run
 from .data import BadInputError
 
@@ -22,8 +22,8 @@ def find_sweeps(pattern: str = "*_embedded.yaml", root: str | Path | None = None
     return sorted((root/"sweeps").glob(pattern))
 
 # %% ../nbs/52_cli.ipynb #cf5b4264
-def _demo_report(done: list, t0: float) -> None:
-    "After the demo: its wall time, then each sweep's finished runs, table, plots and summary notebook."
+def _demo_report(done: list, t0: float, claims: str | None = None, claims_path: Path | None = None) -> None:
+    "After the demo: its wall time, each sweep's finished runs, table, plots and summary notebook, the claims."
     print(f"\n== vla_lit demo finished in {time.time() - t0:.0f} s ==")
     for f, sdir, table, summary, res in done:
         n_ok = int(res.status.isin(["ok", "skipped"]).sum())
@@ -31,11 +31,12 @@ def _demo_report(done: list, t0: float) -> None:
         for p in table.attrs.get("plots", []):
             print(f"  plot:  {p}")
         if summary: print(f"  summary notebook: {summary}")
+    if claims: print(f"\n== the papers' claims, measured on these runs ({claims_path}) ==\n\n{claims}")
 
 # %% ../nbs/52_cli.ipynb #3419274f
 def demo(out_root: str | Path = "runs", jobs: int = 1, device: str | None = None, smoke: bool = False,
          force: bool = False, pattern: str = "*_embedded.yaml", full: bool = False) -> int:
-    "Run and collect every embedded-default sweep in its demo size (`full`: whole); print where results are."
+    "Run and collect every embedded-default sweep in its demo size (`full`: whole); print results and claims."
     files = find_sweeps(pattern)
     if not files:
         print(f"no sweeps/{pattern} found under {_repo_root()}", file=sys.stderr)
@@ -57,7 +58,9 @@ def demo(out_root: str | Path = "runs", jobs: int = 1, device: str | None = None
         print("\n" + (sdir/"results.md").read_text(), flush=True)
         done.append((f, sdir, table, summary, res))
         if (res.status.isin(["failed", "interrupted"])).any(): rc = 1
-    _demo_report(done, t0)
+    claims_path = Path(out_root)/"claims.md"           # every claim, demo and full-study runs alike
+    claims = write_claims([sdir for _, sdir, *_ in done], claims_path) if done else None
+    _demo_report(done, t0, claims, claims_path)
     return rc
 
 # %% ../nbs/52_cli.ipynb #bef8714b

@@ -41,7 +41,7 @@ _SweepLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 # %% ../nbs/50_sweep.ipynb #445f3761
 SWEEP_KEYS = ("name", "notebook", "description", "base", "grid", "runs", "seeds", "smoke", "demo",
               "launcher", "executor", "timeout", "metrics", "plot", "seed_key", "paths", "rehearsal",
-              "presets")
+              "presets", "headline", "claims")
 EXECUTORS = ("local", "slurm", "submitit-local")   # where the runs execute (see "Running on Slurm")
 
 # %% ../nbs/50_sweep.ipynb #3aeb1cab
@@ -187,15 +187,68 @@ def _metrics(cfg, where) -> list[str] | None:
         raise SweepError(f"{where}: metrics must be a list of metric names, got {metrics!r}")
     return metrics
 
+# %% ../nbs/50_sweep.ipynb #0b365d91
+def _figure(p: dict, where) -> None:
+    "Check one figure spec: known keys, a known kind, references as metric names or numbers, panels a list."
+    keys = ("x", "y", "metrics", "hue", "kind", "title", "panels", "references", "labels", "xlabel", "ylabel",
+            "x_max", "annotate", "logx", "name")
+    if unknown := [k for k in p if k not in keys]:
+        raise SweepError(f"{where}: unknown key(s) {unknown}; a figure has {list(keys)}")
+    if p.get("kind", "bar") not in ("bar", "line", "scatter"):
+        raise SweepError(f"{where}: kind must be bar, line or scatter, got {p['kind']!r}")
+    ok_ref = lambda r: isinstance(r, (str, int, float)) or (
+        isinstance(r, dict) and len({"metric", "value"} & set(r)) == 1 and set(r) <= {"metric", "value", "label"})
+    if not (isinstance(p.get("references", []), list) and all(ok_ref(r) for r in p.get("references", []))):
+        raise SweepError(f"{where}: references must be a list of metric names, numbers or mappings with "
+                         f"`metric` or `value` (and `label`), got {p['references']!r}")
+    panels = p.get("panels")
+    if panels is not None and panels != "metrics" and not (isinstance(panels, list) and
+                                                           all(isinstance(q, str) for q in panels)):
+        raise SweepError(f"{where}: panels must be a list of names (filled in for {{panel}}) or `metrics`, "
+                         f"got {panels!r}")
+    if not isinstance(p.get("labels", {}), dict):
+        raise SweepError(f"{where}: labels must map names to the reader's names, got {p['labels']!r}")
+
 # %% ../nbs/50_sweep.ipynb #78c331c6
 def _plot(cfg, where) -> list[dict]:
-    "The plot specs, each a mapping with at least `x`; one spec may be given bare."
+    "The figure specs (`nbs/51_results.ipynb`), each a mapping with at least `x`; one spec may be given bare."
     plot = cfg.get("plot") or []
     if isinstance(plot, dict): plot = [plot]
     if not all(isinstance(p, dict) and "x" in p for p in plot):
         raise SweepError(f"{where}: plot must be a list of mappings with at least `x` "
                          f"(the knob on the x axis), got {plot!r}")
+    for i, p in enumerate(plot):
+        _figure(p, f"{where}: plot[{i}]")
     return plot
+
+# %% ../nbs/50_sweep.ipynb #561e2f44
+def _headline(cfg, where) -> dict:
+    "The headline metrics of results.md: metric (or knob) name -> the name a reader knows it by."
+    head = cfg.get("headline") or {}
+    if not (isinstance(head, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in head.items())):
+        raise SweepError(f"{where}: headline must map metric names to reader names, got {head!r}")
+    return head
+
+# %% ../nbs/50_sweep.ipynb #f05873c4
+def _claims(cfg, where) -> list[dict]:
+    "The claims measured on the runs (`nbs/51_results.ipynb`): each a `claim`, sides `a` and `b`, a metric."
+    claims = cfg.get("claims") or []
+    keys = ("claim", "metric", "a", "b", "better", "test", "items", "proportion")
+    for i, c in enumerate(claims if isinstance(claims, list) else [claims]):
+        w = f"{where}: claims[{i}]"
+        if not (isinstance(c, dict) and isinstance(c.get("claim"), str)):
+            raise SweepError(f"{w}: a claim is a mapping with `claim` (its sentence), `a`, `b`, got {c!r}")
+        if unknown := [k for k in c if k not in keys]:
+            raise SweepError(f"{w}: unknown key(s) {unknown}; a claim has {list(keys)}")
+        for s in ("a", "b"):
+            if not isinstance(c.get(s, {}), dict):
+                raise SweepError(f"{w}: `{s}` must map knobs to values (and `metric`, `label`), got {c[s]!r}")
+            if not (c.get(s) or {}).get("metric", c.get("metric")):
+                raise SweepError(f"{w}: side `{s}` has no metric (give `metric` to the claim or the side)")
+        if c.get("better", "higher") not in ("higher", "lower") or \
+                c.get("test", "better") not in ("better", "no_worse"):
+            raise SweepError(f"{w}: better must be higher or lower, test better or no_worse")
+    return claims if isinstance(claims, list) else [claims]
 
 # %% ../nbs/50_sweep.ipynb #0d75d2ee
 def _timeout(cfg, where) -> float | None:
@@ -316,7 +369,7 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
     demo = _demo(cfg, where)
     runs = _runs(cfg, where)
     metrics = _metrics(cfg, where)
-    plot = _plot(cfg, where)
+    plot, headline, claims = _plot(cfg, where), _headline(cfg, where), _claims(cfg, where)
     timeout = _timeout(cfg, where)
     launcher = _norm_launcher(cfg.get("launcher"), where)
     executor = _norm_executor(cfg.get("executor"), where)
@@ -325,6 +378,7 @@ def load_sweep(config: str | Path | dict, root: str | Path | None = None) -> dic
     return dict(name=name, notebook=str(found.resolve()), description=str(cfg.get("description") or ""),
                 base=base, grid=grid, runs=runs, seeds=seeds, seed_key=seed_key, smoke=smoke, demo=demo,
                 launcher=launcher, executor=executor, timeout=timeout, metrics=metrics, plot=plot,
+                headline=headline, claims=claims,
                 paths=paths, rehearsal=rehearsal, presets=presets, model_map={},
                 source=str(src.resolve()) if src else None,
                 root=str(Path(root).resolve()))
