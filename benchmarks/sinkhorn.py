@@ -6,7 +6,10 @@
 References measured in the same run:
   * POT `ot.sinkhorn` (numpy, float64, the same scores as a cost -S, reg = epsilon, 3 iterations, stopThr=0);
   * the floor: one streaming pass over the same B x K float32 tensor (`x.sum()`); a Sinkhorn iteration
-    must make two such passes (K^T u and K v), so the goal is per-iteration time <= 2 x (2 x floor).
+    must make two such passes (K^T u and K v), so the goal is per-iteration time <= 2 x (2 x floor);
+  * the 3-iteration floor: one `torch.exp` over the B x K tensor plus seven `sum()` passes (two per iteration and
+    the plan's), with a fresh output as `sinkhorn` returns one (and with `out=`, against `sinkhorn(out=)`);
+  * POT both with OPENBLAS_NUM_THREADS=1 and with numpy's default threads (each in a subprocess).
 Scores are cosine similarities of random unit vectors (d=576, SmolLM2's width) sharpened to a realistic
 spread; epsilon = 0.05 (SwAV) unless said. Times are the best of `--repeat` runs (POT: fewer). Prints only;
 nothing here asserts a time."""
@@ -34,6 +37,28 @@ def swav_loop(scores, eps, n_iters):
         Q /= Q.sum(dim=1, keepdim=True); Q /= K
         Q /= Q.sum(dim=0, keepdim=True); Q /= B
     return Q.t()                                         # the plan (SwAV then multiplies by B: rows sum to 1)
+
+POT_CODE = """import sys, json, time, warnings, numpy as np, ot
+sys.path.insert(0, 'benchmarks'); from sinkhorn import make_scores
+B, K, eps_list, rep = {B}, {K}, {eps}, {rep}
+M = (-make_scores(B, K).double()).numpy(); a, b = ot.unif(B), ot.unif(K); out = {{}}
+for e in eps_list:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = []
+        for _ in range(rep + 1):
+            t0 = time.perf_counter(); ot.sinkhorn(a, b, M, e, numItermax=3, stopThr=0, warn=False); ts.append(time.perf_counter() - t0)
+    out[str(e)] = min(ts[1:]) * 1e3
+print(json.dumps(out))"""
+
+def pot_subprocess(B, K, eps_list, rep, one_thread):
+    "POT's 3-iteration times (ms) per epsilon in a fresh process, OpenBLAS on one thread or on its default."
+    env = dict(os.environ)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    if one_thread: env["OPENBLAS_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-c", POT_CODE.format(B=B, K=K, eps=tuple(eps_list), rep=rep)], env=env,
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return {float(k): v for k, v in json.loads(r.stdout).items()} if r.returncode == 0 else {}
 
 def make_scores(B, K, d=576, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
@@ -87,12 +112,26 @@ def main(argv=None):
     add("SwAV loop f32 (exp-domain, in place)", lambda: swav_loop(S, eps, 3))
     print(f"\n== {B} x {K:,}, eps={eps}, 3 iterations; floor = one pass x.sum(): {floor*1e3:.2f} ms (f32), {floor64*1e3:.2f} ms (f64)")
     print(tabulate(rows, headers=["method", "ms", "POT / this", "floor passes", "max |P - P_POT|"]))
+    exp_fresh = best(lambda: torch.exp(S), args.repeat, sync)
+    exp_out = best(lambda: torch.exp(S, out=buf), args.repeat, sync)
+    fl3, fl3_out = exp_fresh + 7 * floor, exp_out + 7 * floor
+    t32_out = out["sinkhorn f32, out= reused buffer"]["ms"] / 1e3
+    print(f"3-iteration floor = one torch.exp over {B}x{K} + 7 x sum(): fresh output {exp_fresh*1e3:.1f} + 7 x {floor*1e3:.2f} = "
+          f"{fl3*1e3:.1f} ms -> sinkhorn / floor = {t32/fl3:.2f}x; with out= {exp_out*1e3:.1f} + 7 x {floor*1e3:.2f} = {fl3_out*1e3:.1f} ms "
+          f"-> sinkhorn(out=) / floor(out=) = {t32_out/fl3_out:.2f}x")
+    out["floor3"] = dict(fresh_ms=fl3 * 1e3, out_ms=fl3_out * 1e3, ratio=t32 / fl3, ratio_out=t32_out / fl3_out)
 
     # ---- cost per iteration, timed directly on a built kernel (best of repeats: never negative) -----
     n = 10
     t_b3 = best(lambda: sinkhorn(S, eps, 3, out=buf), args.repeat, sync)
     st = _Scaling(S, 1 / eps, torch.full((B,), 1 / B), torch.full((K,), 1 / K), True, out=buf)
-    per_it = best(lambda: _iterate(st, n, None), args.repeat, sync) / n
+    def iters(m):
+        for _ in range(m):
+            st.column_step(st.KTu); st.row_step()
+    per = {m: best(lambda: iters(m), args.repeat, sync) / m for m in (1, 3, 10)}
+    per_it = per[n]
+    print("\nper iteration (column step + fused row sweep, timed directly on a built kernel, best of repeats): "
+          + ", ".join(f"{m} iterations: {t*1e3:.2f} ms/iteration" for m, t in per.items()))
     t_exp = best(lambda: torch.exp(S, out=buf), args.repeat, sync)
     t_alloc = best(lambda: torch.empty_like(S).fill_(1.0), args.repeat, sync)
     gemv = best(lambda: torch.matmul(torch.ones(B, device=dev) / B, S), args.repeat * 3, sync)
@@ -114,7 +153,9 @@ def main(argv=None):
 
     # ---- other epsilons, against POT in the same run (POT's exp domain gives NaN at 1e-3 on these scores) --
     rows = []
-    for e in (0.5, 0.05, 0.01, 1e-3):
+    eps_all = (0.5, 0.05, 0.01, 1e-3)
+    pot1, potd = pot_subprocess(B, K, eps_all, 1, True), pot_subprocess(B, K, eps_all, 1, False)
+    for e in eps_all:
         t = best(lambda: sinkhorn(S, e, 3), args.repeat, sync); r = sinkhorn(S, e, 3, full=True)
         ref = sinkhorn_lse(S64, e, 3)
         with warnings.catch_warnings():
@@ -122,11 +163,12 @@ def main(argv=None):
             tp = best(lambda: ot.sinkhorn(a_np, b_np, M, e, numItermax=3, stopThr=0, warn=False), 1)
             Pp = torch.from_numpy(ot.sinkhorn(a_np, b_np, M, e, numItermax=3, stopThr=0, warn=False))
         dp = (r.plan.double() - Pp).abs().max().item()
-        rows.append([e, f"{t*1e3:.1f}", f"{tp*1e3:.1f}", f"{tp/t:.1f}x", r.n_rebuilds, f"{(r.plan.double() - ref).abs().max().item():.2e}",
+        p1, pd = pot1.get(e, float("nan")), potd.get(e, float("nan"))
+        rows.append([e, f"{t*1e3:.1f}", f"{tp*1e3:.1f}", f"{tp/t:.1f}x", f"{p1:.0f} / {pd:.0f}", f"{p1/1e3/t:.1f}x / {pd/1e3/t:.1f}x", r.n_rebuilds, f"{(r.plan.double() - ref).abs().max().item():.2e}",
                      f"{dp:.2e}", bool(torch.isfinite(r.plan).all())])
-        out[f"eps_{e}"] = dict(ms=t * 1e3, pot_ms=tp * 1e3, rebuilds=r.n_rebuilds, max_diff_pot=dp)
+        out[f"eps_{e}"] = dict(ms=t * 1e3, pot_ms=tp * 1e3, pot_1thread_ms=p1, pot_default_ms=pd, rebuilds=r.n_rebuilds, max_diff_pot=dp)
     print("\n== epsilons, f32, 3 iterations, fresh output each call (reference: plain log-domain in f64, and POT f64)")
-    print(tabulate(rows, headers=["eps", "ms", "POT ms", "POT / this", "rebuilds", "max |P - P_ref64|", "max |P - P_POT|", "finite"]))
+    print(tabulate(rows, headers=["eps", "ms", "POT ms", "POT / this", "POT ms (subprocess: OpenBLAS 1 thread / default)", "POT / this (1 / default)", "rebuilds", "max |P - P_ref64|", "max |P - P_POT|", "finite"]))
 
     # ---- the cold call: the first two calls in a fresh process ------------------------------------------
     code = ("import sys, time, torch; sys.path.insert(0, 'benchmarks'); from sinkhorn import make_scores; "
@@ -155,6 +197,24 @@ def main(argv=None):
                    headers=["method", "ms", "iterations", "L1 col error", "POT / this", "max |P - P_POT|"]))
     out["tol"] = {"pot_ms": t_pot_t * 1e3, "pot_iters": log["niter"] + 1, "pot_err": float(err_pot),
                   **{k: dict(ms=t * 1e3, iters=r.n_iters, err=r.err, max_diff=d) for k, (t, r, d, tol) in res.items()}}
+
+    # ---- small problems to POT's default tolerance (many iterations: per-iteration overhead) ----------
+    rows = []
+    for e in (0.05, 0.01):
+        Ss = make_scores(128, 3, seed=1).double(); Ms = (-Ss).numpy(); a_s, b_s = ot.unif(128), ot.unif(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tk = best(lambda: ot.sinkhorn(a_s, b_s, Ms, e, numItermax=100_000, stopThr=1e-9), 2)
+            tl = best(lambda: ot.bregman.sinkhorn_log(a_s, b_s, Ms, e, numItermax=100_000, stopThr=1e-9), 1)
+            Pk, lg = ot.sinkhorn(a_s, b_s, Ms, e, numItermax=100_000, stopThr=1e-9, log=True)
+        tol = float(np.abs(Pk.sum(0) - b_s).sum())
+        t = best(lambda: sinkhorn(Ss, e, tol=tol, max_iters=100_000), 2); r = sinkhorn(Ss, e, tol=tol, max_iters=100_000, full=True)
+        rows.append([e, lg["niter"], f"{tk*1e3:.1f}", f"{tl*1e3:.1f}", r.n_iters, f"{t*1e3:.1f}", f"{tk/t:.2f}x", f"{tl/t:.2f}x",
+                     f"{(r.plan - torch.from_numpy(Pk)).abs().max().item():.1e}"])
+    print("\n== 128 x 3 to tolerance (POT stopThr=1e-9; sinkhorn f64 asked for the L1 error POT reached)")
+    print(tabulate(rows, headers=["eps", "POT iters", "ot.sinkhorn ms", "sinkhorn_log ms", "iters", "sinkhorn ms", "ot.sinkhorn / this",
+                                  "sinkhorn_log / this", "max |P - P_POT|"]))
+    out["small_tol"] = rows
 
     # ---- sweep of sizes -----------------------------------------------------------------------------
     Bs = (64, 128, 256) if args.quick else (64, 256, 512, 1024, 2048)

@@ -114,14 +114,6 @@ def _exp_(t: Tensor, lowest: float = -math.inf) -> Tensor:
     t.clamp_(min=c).exp_()
     return torch.nn.functional.threshold_(t, math.exp(c) * (1 + 1e-5), 0.0)
 
-# %% ../nbs/20_sinkhorn.ipynb #5131c2ae
-def _lse(t: Tensor, dim: int) -> Tensor:
-    "torch.logsumexp(t, dim) with the shifted arguments clamped as in `_exp_` (no subnormal exp)."
-    m = t.amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    c = math.ceil(math.log(torch.finfo(t.dtype).tiny))
-    return (t - m).clamp_(min=c).exp_().sum(dim).log_().add_(m.squeeze(dim))
-
 # %% ../nbs/20_sinkhorn.ipynb #4aaeb799
 def _check_out(out: Tensor | None, x: Tensor):
     "`sinkhorn`'s checks on an output buffer `out` for the problem `x`."
@@ -129,99 +121,203 @@ def _check_out(out: Tensor | None, x: Tensor):
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"sinkhorn: out must be a {x.dtype} tensor of shape {tuple(x.shape)} on "
                          f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("sinkhorn: out must be contiguous (the plan is computed in it block by block)")
     if out.data_ptr() == x.data_ptr():
         raise ValueError("sinkhorn: out must not be the score/cost tensor itself (it is read again)")
 
+# %% ../nbs/20_sinkhorn.ipynb #5eb56593
+def _blocks(B: int, K: int, block_elems: int = 1 << 19) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of about `block_elems` kernel entries (2 MB in float32): a block stays in cache
+    between the operations made on it, so a blocked sweep reads the B x K tensor from memory once."""
+    step = max(1, block_elems // K)
+    return [(r, min(B, r + step)) for r in range(0, B, step)]
+
 # %% ../nbs/20_sinkhorn.ipynb #6f853fb2
 class _Scaling:
-    "Stabilised Sinkhorn state for `x` [..., B, K]: plan = diag(u) Km diag(v), Km = exp(s x + f + g)."
+    """Stabilised Sinkhorn state for `x` [..., B, K]: plan = diag(u) Km diag(v), Km = exp(s x + f + g).
+    The constructor builds the kernel and takes the first column sums K^T 1 in the same blocked sweep."""
     def __init__(self, x: Tensor, s: float, a: Tensor, b: Tensor, log_domain: bool,
                  out: Tensor | None = None):
         *lead, B, K = x.shape
         self.x, self.s, self.a, self.b, self.log_domain = x, s, a, b, log_domain
         self.loga, self.logb = a.log(), b.log()
-        self.L = _accuracy_bound(x.dtype, B, K)
-        # one shift per problem (largest kernel entry = 1): starting from u = 1 is then the uniform start
-        # of POT and SwAV (a per-row shift would change the starting point of the iterations)
-        shift = -self.peak(x, s) * s
-        self.f = shift.unsqueeze(-1).expand(*lead, B).clone()
-        self.g = torch.zeros_like(b)
-        lowest = -abs(s) * self.spread                                        # the smallest argument of exp
-        self.Km = _exp_(torch.add(self.f.unsqueeze(-1), x, alpha=s, out=out), lowest)   # exp(W + f + g)
+        self.L = self.bound(x.dtype, B, K)
+        self.blocks, self.n_rebuilds, self.scaled = _blocks(B, K), 0, False
+        self.Km = torch.empty_like(x) if out is None else out
         self.u, self.v = torch.ones_like(a), torch.ones_like(b)
-        self.n_rebuilds = 0
+        self.f = torch.zeros_like(a)
+        lo, hi = self.extremes()                                             # [..., K] column min, max
+        spread = (hi.amax(-1) - lo.amin(-1)).amax()
+        margin = (self.logb.amax(-1) - self.reduce(self.loga.amin(-1), "min")).clamp(min=0).amax()
+        spread, margin = torch.stack([spread, margin]).tolist()                  # one sync
+        if not math.isfinite(spread):
+            raise ValueError(f"sinkhorn: the {'score' if s > 0 else 'cost'} matrix contains NaN or inf"
+                             + self.where)
+        peak = hi if s > 0 else lo                            # the largest entry of s x per column
+        if not log_domain or abs(s) * spread + margin < self.L:   # K^T 1 fits the bound: one shift
+            self.g = (-s * (peak.amax(-1) if s > 0 else peak.amin(-1))).unsqueeze(-1).expand_as(b).clone()
+            lowest = -abs(s) * spread
+        else:                    # per-column shifts: the first column step is the exact log-domain one
+            self.g, lowest = -s * peak, -abs(s) * float((hi - lo).amax())
+            self.n_rebuilds = 1
+        self.KTu = self.build(self.g, lowest)
+        self.bu, self.bv = self.row_bounds(self.u.log()), _bounds(self.v.log(), self.logb)
+    where = ""
 
-    def peak(self, x: Tensor, s: float) -> Tensor:
-        """The largest score (smallest cost) per problem [...]: the kernel's shift; one pass for both extremes,
-        which also checks for NaN/inf (they propagate) and sets `spread`, the largest max - min."""
-        lo, hi = x.amin((-2, -1)), x.amax((-2, -1))        # (torch.aminmax has no multi-dim reduction)
-        self.spread = float((hi - lo).max())
-        if not math.isfinite(self.spread):
-            raise ValueError(f"sinkhorn: the {'score' if s > 0 else 'cost'} matrix contains NaN or inf")
-        return hi if s > 0 else lo
+# %% ../nbs/20_sinkhorn.ipynb #de2ea9de
+@patch
+def extremes(self: _Scaling) -> tuple[Tensor, Tensor]:
+    "The column minima and maxima of `x` [..., K], one blocked sweep (NaN and inf propagate into both)."
+    X, lo, hi = self.x.reshape(-1, *self.x.shape[-2:]), None, None
+    for r0, r1 in self.blocks:
+        l, h = X[:, r0:r1].amin(1), X[:, r0:r1].amax(1)                # the block is in cache for amax
+        lo, hi = (l, h) if lo is None else (torch.minimum(lo, l), torch.maximum(hi, h))
+    return lo.view(self.b.shape), hi.view(self.b.shape)
 
-    def col_lse(self) -> Tensor:
-        "Log-sum-exp of the log-kernel held in Km down its rows [..., K] (the exact column step)."
-        return _lse(self.Km, dim=-2)
+# %% ../nbs/20_sinkhorn.ipynb #9ee8d6ad
+@patch
+def reduce(self: _Scaling, t: Tensor, op: str = "sum") -> Tensor:
+    "A reduction over rows made complete (one process: `t` itself)."
+    return t
 
-    def agree(self, ok: bool) -> bool:
-        "A local yes/no as the decision of the whole problem (one process: itself)."
-        return ok
+# %% ../nbs/20_sinkhorn.ipynb #e02d7ac2
+@patch
+def build(self: _Scaling, g: Tensor, lowest: float) -> Tensor:
+    "Km = exp(s x + g) [u = 1, f = 0] block by block; returns its column sums K^T 1 [..., K]."
+    X, Km = self.x.reshape(-1, *self.x.shape[-2:]), self.Km.view(-1, *self.x.shape[-2:])
+    g3, KTu = g.reshape(-1, 1, g.shape[-1]), torch.zeros_like(self.b).view(-1, self.b.shape[-1])
+    for r0, r1 in self.blocks:
+        kb = _exp_(torch.add(g3, X[:, r0:r1], alpha=self.s, out=Km[:, r0:r1]), lowest)
+        KTu += kb.sum(1)
+    return self.reduce(KTu.view(self.b.shape))
+
+# %% ../nbs/20_sinkhorn.ipynb #69aed74a
+@patch
+def bound(self: _Scaling, dtype: torch.dtype, B: int, K: int) -> float:
+    "The accuracy bound L of the problem (one process: its own B rows)."
+    return _accuracy_bound(dtype, B, K)
+
+# %% ../nbs/20_sinkhorn.ipynb #e5528fd3
+@patch
+def agree(self: _Scaling, ok: bool) -> bool:
+    "A local yes/no as the decision of the whole problem (one process: itself)."
+    return ok
 
 # %% ../nbs/20_sinkhorn.ipynb #5f5acd55
+def _bounds(lw: Tensor, lm: Tensor) -> Tensor:
+    """[2, ...]: max log(w / m) and max log w of a log-scaling `lw` with marginal log `lm`; +inf where an entry
+    of `lw` is not finite (the scaling under- or overflowed)."""
+    t = torch.stack([(lw - lm).amax(-1), lw.amax(-1)]) + 0 * lw.sum(-1)      # a non-finite entry: NaN
+    return t.nan_to_num_(nan=math.inf)
+
+# %% ../nbs/20_sinkhorn.ipynb #3c163475
+@patch
+def row_bounds(self: _Scaling, lu: Tensor) -> Tensor:
+    "`_bounds` of log u (over every row of the problem)."
+    return self.reduce(_bounds(lu, self.loga), "max")
+
+# %% ../nbs/20_sinkhorn.ipynb #7f8ad2cf
+@patch
+def fits(self: _Scaling, bu: Tensor, bv: Tensor) -> bool:
+    "Can diag(u) Km diag(v) be used as is, given the bounds of u and v (the bound L on rows and columns)?"
+    if not self.log_domain: return True
+    return bool(torch.maximum(bu[0] + bv[1], bv[0] + bu[1]).amax() < self.L)
+
+# %% ../nbs/20_sinkhorn.ipynb #63fe0780
 @patch
 def representable(self: _Scaling, lu: Tensor, lv: Tensor) -> bool:
-    "Can diag(exp lu) Km diag(exp lv) be used as is (the bound L on rows and columns)?"
-    if not self.log_domain: return True
-    rows = (lu - self.loga).amax(-1) + lv.amax(-1)
-    cols = (lv - self.logb).amax(-1) + lu.amax(-1)
-    # a NaN or infinite log makes its sum non-finite and 0 * sum NaN: the finiteness test in the same sync
-    nonfinite = 0 * (lu.sum(-1) + lv.sum(-1))
-    return bool((torch.maximum(rows, cols) + nonfinite).max() < self.L)
+    "Can diag(exp lu) Km diag(exp lv) be used as is?"
+    return self.fits(self.row_bounds(lu), _bounds(lv, self.logb))
 
 # %% ../nbs/20_sinkhorn.ipynb #08e5694d
 @patch
 def col_sums(self: _Scaling) -> Tensor:
-    "K^T u [..., K]: one pass over the kernel."
-    return torch.matmul(self.u.unsqueeze(-2), self.Km).squeeze(-2)
+    "K^T u [..., K]: one pass over the kernel (over every row of the problem)."
+    return self.reduce(torch.matmul(self.u.unsqueeze(-2), self.Km).squeeze(-2))
 
 # %% ../nbs/20_sinkhorn.ipynb #403e39be
 @patch
 def col_error(self: _Scaling, KTu: Tensor | None = None) -> float:
-    "L1 error of the column marginal, max over the batch (`KTu`: K^T u if already computed)."
-    KTu = self.col_sums() if KTu is None else KTu
+    "L1 error of the column marginal, max over the batch (`KTu`: K^T u; default: the one of the last sweep)."
+    KTu = self.KTu if KTu is None else KTu
     return float((self.v * KTu - self.b).abs().sum(-1).max())
 
 # %% ../nbs/20_sinkhorn.ipynb #fdb091ee
 @patch
 def column_step(self: _Scaling, KTu: Tensor):
-    "v = b / K^T u, or (not representable) absorb u into f, an exact column step for g, rebuild the kernel."
+    "v = b / K^T u, or (not representable) absorb u into f and take the exact column step."
     v_new = self.b / KTu
-    if self.representable(self.u.log(), v_new.log()):
-        self.v = v_new
+    bv = _bounds(v_new.log(), self.logb)
+    if self.fits(self.bu, bv):
+        self.v, self.bv = v_new, bv
         return
     self.f = self.f + self.u.log()
-    torch.add(self.f.unsqueeze(-1), self.x, alpha=self.s, out=self.Km)
-    self.g = self.logb - self.col_lse()
-    _exp_(self.Km.add_(self.g.unsqueeze(-2)))
-    self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
+    X, Km = self.x.reshape(-1, *self.x.shape[-2:]), self.Km.view(-1, *self.x.shape[-2:])
+    f3, m = self.f.reshape(-1, Km.shape[1], 1), None
+    for r0, r1 in self.blocks:                                         # the column maxima of s x + f
+        mb = torch.add(f3[:, r0:r1], X[:, r0:r1], alpha=self.s, out=Km[:, r0:r1]).amax(1)
+        m = mb if m is None else torch.maximum(m, mb)
+    self.g = -self.reduce(m.view(self.b.shape), "max")
+    self.g = torch.where(torch.isfinite(self.g), self.g, torch.zeros_like(self.g))
+    self.u = torch.ones_like(self.a)
+    self.KTu = self.reshift(self.g.reshape(-1, 1, Km.shape[-1]))      # column sums (max entry 1)
+    self.v = self.b / self.KTu
+    self.bu, self.bv = self.row_bounds(self.u.log()), _bounds(self.v.log(), self.logb)
     self.n_rebuilds += 1
+
+# %% ../nbs/20_sinkhorn.ipynb #fd85f789
+@patch
+def reshift(self: _Scaling, g3: Tensor) -> Tensor:
+    "Km = exp(Km + g) in place, block by block (no subnormals); returns its column sums [..., K]."
+    Km, KTu = self.Km.view(-1, *self.x.shape[-2:]), torch.zeros_like(self.b).view(-1, self.b.shape[-1])
+    for r0, r1 in self.blocks:
+        KTu += _exp_(Km[:, r0:r1].add_(g3)).sum(1)
+    return self.reduce(KTu.view(self.b.shape))
 
 # %% ../nbs/20_sinkhorn.ipynb #de5ef7fa
 @patch
-def row_step(self: _Scaling):
-    "u = a / K v, or (not representable) absorb v into g, an exact row step for f, rebuild the kernel."
-    Kv = torch.matmul(self.Km, self.v.unsqueeze(-1)).squeeze(-1)
-    u_new = self.a / Kv
-    if self.representable(u_new.log(), self.v.log()):
-        self.u = u_new
+def row_step(self: _Scaling, last: bool = False, normalize: str = "plan", need_ktu: bool = True):
+    """u = a / K v in one blocked sweep that also sums the next K^T u (if `need_ktu`) and, if `last`, scales
+    the kernel into the plan; or (u not representable) absorb v into g and take the exact row step."""
+    shape = self.x.shape[-2:]
+    Km, a3, b3 = self.Km.view(-1, *shape), self.a.reshape(-1, shape[0]), self.b.reshape(-1, shape[1])
+    u, v = torch.empty_like(a3), self.v.reshape(-1, shape[1], 1)
+    KTu = torch.zeros_like(b3).unsqueeze(1) if need_ktu else None
+    for r0, r1 in self.blocks:
+        kb = Km[:, r0:r1]
+        ub = torch.div(a3[:, r0:r1], torch.bmm(kb, v).squeeze(-1), out=u[:, r0:r1])
+        if need_ktu: KTu.baddbmm_(ub.unsqueeze(1), kb)
+        if last: _scale_plan(kb, ub, v.squeeze(-1), a3[:, r0:r1], b3, normalize)
+    u = u.view(self.a.shape)
+    bu = self.row_bounds(u.log())
+    if self.fits(bu, self.bv):
+        self.u, self.bu, self.scaled = u, bu, last
+        if need_ktu: self.KTu = self.reduce(KTu.view(self.b.shape))
         return
+    self.exact_rows(need_ktu)
+
+# %% ../nbs/20_sinkhorn.ipynb #5fdc4977
+@patch
+def exact_rows(self: _Scaling, need_ktu: bool = True):
+    """Absorb v into g and take the exact (log-domain) row step in one blocked sweep: each row of s x + g
+    shifted by its maximum (into f), exponentiated, u = a / its sum; the next K^T u summed on the way."""
+    shape = self.x.shape[-2:]
     self.g = self.g + self.v.log()
-    torch.add(self.g.unsqueeze(-2), self.x, alpha=self.s, out=self.Km)
-    self.f = self.loga - _lse(self.Km, dim=-1)
-    _exp_(self.Km.add_(self.f.unsqueeze(-1)))
-    self.u, self.v = torch.ones_like(self.a), torch.ones_like(self.b)
-    self.n_rebuilds += 1
+    X, Km, g3 = self.x.reshape(-1, *shape), self.Km.view(-1, *shape), self.g.reshape(-1, 1, shape[1])
+    a3, f, u = self.a.reshape(-1, shape[0]), torch.empty_like(self.a).view(-1, shape[0]), torch.empty_like(self.a)
+    u3, KTu = u.view(-1, shape[0]), torch.zeros_like(self.b).view(-1, 1, shape[1])
+    for r0, r1 in self.blocks:
+        kb = torch.add(g3, X[:, r0:r1], alpha=self.s, out=Km[:, r0:r1])
+        m = kb.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        f[:, r0:r1] = -m.squeeze(-1)
+        ub = torch.div(a3[:, r0:r1], _exp_(kb.sub_(m)).sum(-1), out=u3[:, r0:r1])
+        if need_ktu: KTu.baddbmm_(ub.unsqueeze(1), kb)
+    self.f, self.u, self.v = f.view(self.a.shape), u, torch.ones_like(self.b)
+    if need_ktu: self.KTu = self.reduce(KTu.view(self.b.shape))
+    self.bu, self.bv = self.row_bounds(self.u.log()), _bounds(self.v.log(), self.logb)
+    self.n_rebuilds, self.scaled = self.n_rebuilds + 1, False
 
 # %% ../nbs/20_sinkhorn.ipynb #103f3a37
 def _scale_plan(Km: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor, normalize: str) -> Tensor:
@@ -234,7 +330,7 @@ def _scale_plan(Km: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor, normaliz
 @patch
 def result(self: _Scaling, normalize: str, full: bool, tol: float | None, err: float, it: int,
            epsilon: float) -> Tensor | SinkhornResult:
-    "Check the scalings, measure the column error if needed, scale the kernel into the plan."
+    "Check the scalings, measure the column error if needed, scale the kernel into the plan (if not yet)."
     u, v = self.u, self.v
     ok = bool(torch.isfinite(u).all() and torch.isfinite(v).all() and (u > 0).all() and (v > 0).all())
     if not self.agree(ok):
@@ -245,7 +341,14 @@ def result(self: _Scaling, normalize: str, full: bool, tol: float | None, err: f
         if tol is not None and not err <= tol:
             warnings.warn(f"sinkhorn: column-marginal L1 error {err:.3g} > tol={tol} after {it} iterations")
     log_u, log_v = self.f + u.log(), self.g + v.log()
-    plan = _scale_plan(self.Km, u, v, self.a, self.b, normalize)
+    if not self.scaled:
+        shape = self.x.shape[-2:]
+        Km, u3, a3 = self.Km.view(-1, *shape), u.reshape(-1, shape[0]), self.a.reshape(-1, shape[0])
+        v3, b3 = v.reshape(-1, shape[1]), self.b.reshape(-1, shape[1])
+        for r0, r1 in self.blocks:                          # both scalings while the block is in cache
+            _scale_plan(Km[:, r0:r1], u3[:, r0:r1], v3, a3[:, r0:r1], b3, normalize)
+        self.scaled = True
+    plan = self.Km
     return SinkhornResult(plan, log_u, log_v, it, err, self.n_rebuilds) if full else plan
 
 # %% ../nbs/20_sinkhorn.ipynb #dfa8d07b
@@ -257,57 +360,41 @@ def _reduced(t: Tensor, op: str = "sum") -> Tensor:
 # %% ../nbs/20_sinkhorn.ipynb #7f8adb7b
 class _DistScaling(_Scaling):
     """`_Scaling` for one rank's rows of a problem whose rows are split across the default process group:
-    each reduction down the columns (the shift, K^T u, the bound, the column log-sum-exp) is all-reduced."""
+    each reduction down the columns (the column extremes, K^T u, the bounds of u, the column maxima of the
+    exact column step) is all-reduced."""
+    where = " (on some rank)"
     def __init__(self, x: Tensor, s: float, a: Tensor, b: Tensor, log_domain: bool,
                  out: Tensor | None = None, n_rows: int = 1):
+        self.n_rows = n_rows                                     # the bound of the whole problem
         super().__init__(x, s, a, b, log_domain, out)
-        self.L = _accuracy_bound(x.dtype, n_rows, x.shape[-1])          # the bound of the whole problem
-
-    def peak(self, x: Tensor, s: float) -> Tensor:
-        """The shift of the whole problem (an all-reduce max), with the NaN/inf check made on every rank at
-        once."""
-        t = torch.stack([x.amax((-2, -1)), -x.amin((-2, -1))])
-        t = _reduced(torch.where(torch.isfinite(t), t, torch.inf), "max")
-        if not torch.isfinite(t).all():
-            what = "score" if s > 0 else "cost"
-            raise ValueError(f"sinkhorn: the {what} matrix contains NaN or inf (on some rank)")
-        self.spread = float((t[0] + t[1]).max())
-        return t[0] if s > 0 else -t[1]
 
 # %% ../nbs/20_sinkhorn.ipynb #78904bbe
 @patch
-def col_sums(self: _DistScaling) -> Tensor:  # noqa: F811 (@patch)
-    "K^T u over every rank's rows."
-    return _reduced(_Scaling.col_sums(self))
+def reduce(self: _DistScaling, t: Tensor, op: str = "sum") -> Tensor:  # noqa: F811 (@patch)
+    "`t` all-reduced over the ranks (a copy)."
+    return _reduced(t.clone(), op)
+
+# %% ../nbs/20_sinkhorn.ipynb #0b1c7a7d
+@patch
+def bound(self: _DistScaling, dtype: torch.dtype, B: int, K: int) -> float:  # noqa: F811 (@patch)
+    "The accuracy bound of the whole problem (all ranks' rows)."
+    return _accuracy_bound(dtype, self.n_rows, K)
 
 # %% ../nbs/20_sinkhorn.ipynb #9e64b2f4
 @patch
-def col_lse(self: _DistScaling) -> Tensor:
-    "The column log-sum-exp over every rank's rows: the maxima all-reduced, then the shifted sums."
-    m = _reduced(self.Km.amax(-2), "max")
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    c = math.ceil(math.log(torch.finfo(self.Km.dtype).tiny))                 # as in `_lse`
-    return m + _reduced((self.Km - m.unsqueeze(-2)).clamp_(min=c).exp_().sum(-2)).log()
+def extremes(self: _DistScaling) -> tuple[Tensor, Tensor]:  # noqa: F811 (@patch)
+    """The column extremes over every rank's rows (one all-reduce max); a NaN or inf on any rank gives
+    +inf on every rank, so that all of them raise."""
+    lo, hi = _Scaling.extremes(self)
+    t = torch.stack([hi, -lo])
+    t = _reduced(torch.where(torch.isfinite(t), t, torch.inf), "max")
+    return -t[1], t[0]
 
 # %% ../nbs/20_sinkhorn.ipynb #a565ef56
 @patch
 def agree(self: _DistScaling, ok: bool) -> bool:
     "True on every rank only if it is true on every rank."
     return bool(_reduced(torch.tensor(float(ok), device=self.x.device), "min"))
-
-# %% ../nbs/20_sinkhorn.ipynb #124661ab
-@patch
-def representable(self: _DistScaling, lu: Tensor, lv: Tensor) -> bool:  # noqa: F811 (@patch)
-    "`_Scaling.representable` for the whole problem: the row maxima of log u all-reduced."
-    if not self.log_domain: return True
-    t = torch.stack([(lu - self.loga).amax(-1), lu.amax(-1)])         # [2, ...]: this rank's rows
-    if not torch.isfinite(lu).all():
-        t.fill_(torch.inf)
-    t = _reduced(t, "max")
-    if not (torch.isfinite(t).all() and torch.isfinite(lv).all()): return False
-    rows = t[0] + lv.amax(-1)
-    cols = (lv - self.logb).amax(-1) + t[1]
-    return bool(torch.maximum(rows, cols).max() < self.L)
 
 # %% ../nbs/20_sinkhorn.ipynb #3d83a2d5
 def _row_split(dist_rows: bool | None) -> bool:
@@ -319,18 +406,20 @@ def _row_split(dist_rows: bool | None) -> bool:
     return bool(dist_rows)
 
 # %% ../nbs/20_sinkhorn.ipynb #67e11ab9
-def _iterate(st: _Scaling, n_iters: int, tol: float | None) -> tuple[float, int]:
-    "Run the iterations on the state `st`; (the last measured column error, the iterations run)."
+def _iterate(st: _Scaling, n_iters: int, tol: float | None, normalize: str = "plan",
+             full: bool = False) -> tuple[float, int]:
+    """Run the iterations on the state `st`; (the last measured column error, the iterations run). With a
+    fixed count the last row step scales the plan in its sweep."""
     err, it = float("nan"), 0
     for it in range(1, n_iters + 1):
-        KTu = st.col_sums()
         if tol is not None and it > 1:
-            err = st.col_error(KTu)
+            err = st.col_error()
             if err <= tol:
                 it -= 1
                 break
-        st.column_step(KTu)
-        st.row_step()
+        st.column_step(st.KTu)
+        last = tol is None and it == n_iters
+        st.row_step(last, normalize, need_ktu=not last or full)
     return err, it
 
 # %% ../nbs/20_sinkhorn.ipynb #2841c470
@@ -350,7 +439,7 @@ def _solve(x, epsilon, n_iters, tol, a, b, log_domain, is_cost, normalize, max_i
     _check_out(out, x)
     s = (-1.0 if is_cost else 1.0) / epsilon
     st = _DistScaling(x, s, a, b, log_domain, out, n_rows) if rows else _Scaling(x, s, a, b, log_domain, out)
-    err, it = _iterate(st, n_iters, tol)
+    err, it = _iterate(st, n_iters, tol, normalize, full)
     return st.result(normalize, full, tol, err, it, epsilon)
 
 # %% ../nbs/20_sinkhorn.ipynb #d1937e93
