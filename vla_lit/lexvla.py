@@ -15,7 +15,7 @@ from .features import extract_features, extract_text_features, pool_patch_grid
 from .lexical import (VisionLexAdapter, init_codebook, lexical_codebook, to_sparse, sparse_scores,
                              word_vocabulary, lexical_prompt, text_lexical_weights)
 from .overuse import lexical_penalty, penalty_weight
-from .losses import clip_loss
+from .losses import clip_loss, global_rows
 from .metrics import recall_at_k_from_scores
 
 # %% auto #0
@@ -74,7 +74,8 @@ def loss(self: LexVLA, batch: dict) -> dict:
     _check_text(st, si, self.vocab_size)
     con = clip_loss(si, st, self.score_scale)                 # gathered across ranks under DDP
     lam = penalty_weight(int(self.step), self.penalty_lambda, self.penalty_warmup)
-    pen = self.penalty_fn(si) if self.penalty_fn is not None else si.new_zeros(())
+    # the penalty is a function of batch statistics: of the global batch's rows under DDP
+    pen = self.penalty_fn(global_rows(si)) if self.penalty_fn is not None else si.new_zeros(())
     if self.training: self.step += 1
     active = lambda w: (w > 0).sum(1).float().mean().detach()
     return {"loss": con + lam * pen, "contrastive": con.detach(), "penalty": pen.detach(), "lambda": lam,

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['symmetric_infonce', 'gather_features', 'clip_loss', 'diffusion_target']
+__all__ = ['symmetric_infonce', 'gather_features', 'global_rows', 'clip_loss', 'global_mean', 'diffusion_target']
 
 # %% ../nbs/05_losses.ipynb #9be8dce5
 def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,13 @@ def _gathers(gather: bool | None) -> bool:
         return False
     return torch.is_grad_enabled() if gather is None else bool(gather)
 
+# %% ../nbs/05_losses.ipynb #ab3fe76a
+def global_rows(x: torch.Tensor, gather: bool | None = None) -> torch.Tensor:
+    """All ranks' rows of `x` for a loss that is one function of the global batch's rows: gathered with the
+    local rows' gradient scaled by the world size (`_ScaleGrad`), so DDP's average is the one-process
+    gradient. `x` itself when `_gathers(gather)` is False (one process, or no autograd)."""
+    return gather_features(_ScaleGrad.apply(x, _world())) if _gathers(gather) else x
+
 # %% ../nbs/05_losses.ipynb #fdfe72c0
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float | None = None,
               gather: bool | None = None, temperature: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -84,10 +91,21 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | 
         raise ValueError("clip_loss: empty batch")
     if (logit_scale is None) == (temperature is None):
         raise ValueError("clip_loss: give exactly one of logit_scale and temperature")
-    if _gathers(gather):
-        img, txt = (gather_features(_ScaleGrad.apply(z, _world())) for z in (img, txt))
+    img, txt = global_rows(img, gather), global_rows(txt, gather)
     if temperature is not None: return symmetric_infonce(img @ txt.T / temperature)
     return symmetric_infonce(logit_scale * img @ txt.T)
+
+# %% ../nbs/05_losses.ipynb #3d438785
+def global_mean(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """`total / count`, a sum of `count` terms made a mean. Under a process group of > 1 ranks (while
+    autograd records) `total * world / (sum of every rank's count)`, whose DDP average is the mean of all
+    ranks' terms together."""
+    count = torch.as_tensor(count, dtype=total.dtype, device=total.device).detach()
+    if _gathers(None):
+        count = count.clone()
+        dist.all_reduce(count)
+        return total * _world() / count
+    return total / count
 
 # %% ../nbs/05_losses.ipynb #d1aa5cf4
 def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

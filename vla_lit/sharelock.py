@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fastcore.basics import patch
 from .core import RunConfig, seed_everything, get_device
 from .models import LanguageModel, fingerprint, freeze, load_vision, load_lm
-from .losses import clip_loss
+from .losses import clip_loss, gather_features, _gathers
 from .train import train, tensor_batches, load_trainable_state_dict
 from .metrics import zero_shot_classifier, zero_shot_scores
 from .features import FeatureCache, extract_features, extract_text_features
@@ -177,7 +177,8 @@ def encode_text(self: ShareLock, text_feats: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/10_sharelock.ipynb #340bd67b
 @patch
 def loss(self: ShareLock, batch: dict) -> dict[str, torch.Tensor]:
-    "CLIP loss of one batch of pairs, plus the logit scale and the in-batch image->text accuracy."
+    """CLIP loss of one batch of pairs, plus the logit scale and the in-batch image->text accuracy (both over
+    the global batch under DDP)."""
     v, t = self.features(batch)
     if v.shape[0] != t.shape[0]:
         raise ValueError(f"ShareLock: {v.shape[0]} vision rows but {t.shape[0]} text rows")
@@ -186,8 +187,8 @@ def loss(self: ShareLock, batch: dict) -> dict[str, torch.Tensor]:
     zi, zt = self.encode_image(v), self.encode_text(t)
     s = self.logit_scale()
     loss = clip_loss(zi, zt, s)
-    with torch.no_grad():
-        acc = ((zi @ zt.T).argmax(1) == torch.arange(len(zi), device=zi.device)).float().mean()
+    a, b = (gather_features(z.detach()) for z in (zi, zt)) if _gathers(None) else (zi.detach(), zt.detach())
+    acc = ((a @ b.T).argmax(1) == torch.arange(len(a), device=a.device)).float().mean()
     return {"loss": loss, "logit_scale": s.detach(), "batch_i2t_acc": acc}
 
 # %% ../nbs/10_sharelock.ipynb #5e1a0d40

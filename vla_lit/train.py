@@ -5,6 +5,7 @@
 # %% ../nbs/04_train.ipynb #a8041138
 from __future__ import annotations
 import os, math, time, json, random, signal, threading, hashlib, warnings, copy, dataclasses, contextlib
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -23,7 +24,9 @@ from .core import RunConfig, get_device, seed_everything, dist_info, init_distri
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'cosine_schedule', 'TensorBatches', 'tensor_batches', 'frozen_modules', 'count_parameters',
            'trainable_state_dict', 'load_trainable_state_dict', 'frozen_snapshot', 'check_frozen', 'NonFiniteLossError',
-           'TrainResult', 'to_device', 'sync_batchnorm', 'restore_batchnorm', 'TrainOptions', 'Trainer', 'train']
+           'TrainResult', 'to_device', 'sync_batchnorm', 'restore_batchnorm', 'step_seed', 'StepRandom', 'step_random',
+           'rows_rand', 'rows_randn', 'rows_randint', 'batch_positions', 'GlobalDropout', 'global_dropout',
+           'TrainOptions', 'Trainer', 'train']
 
 # %% ../nbs/04_train.ipynb #3e54dd02
 def cosine_schedule(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0) -> float:
@@ -46,10 +49,13 @@ def _as_rows(x, name):
 
 # %% ../nbs/04_train.ipynb #bca3501f
 def _take(x, idx: np.ndarray) -> torch.Tensor:
-    "Rows `idx` of a tensor or array, as a tensor (a memmap reads only those rows)."
+    """Rows `idx` of a tensor or array, as a tensor, in the order of `idx` (a memmap reads only those rows, in
+    index order)."""
     if isinstance(x, torch.Tensor):
         return x[torch.from_numpy(idx)]
-    return torch.from_numpy(np.ascontiguousarray(x[idx]))
+    order = np.argsort(idx, kind="stable")
+    rows = torch.from_numpy(np.ascontiguousarray(x[idx[order]]))
+    return rows[torch.from_numpy(np.argsort(order, kind="stable"))]
 
 # %% ../nbs/04_train.ipynb #5fc4c8c4
 def _warn_one_row_tail(n: int, batch_size: int, world_size: int, drop_last: bool):
@@ -124,7 +130,7 @@ def __next__(self: TensorBatches):
         self._epoch += 1
         self._pos = 0
         self._new_epoch()
-    idx = np.sort(self._perm[self._pos:self._pos + self.batch_size])
+    idx = self._perm[self._pos:self._pos + self.batch_size]
     self._pos += self.batch_size
     return self._pack(idx)
 
@@ -503,11 +509,135 @@ def sync_batchnorm(module: nn.Module, skip: Iterable[str] = (), gpu: bool = Fals
 
 # %% ../nbs/04_train.ipynb #0fb0ee3d
 def restore_batchnorm(module: nn.Module, originals: list[tuple[str, nn.Module]]):
-    """Put back the BatchNorms `sync_batchnorm` replaced (their tensors carry the statistics learnt
-    meanwhile)."""
+    """Put back the modules `sync_batchnorm` or `global_dropout` replaced (a BatchNorm's tensors carry the
+    statistics learnt meanwhile)."""
     for name, m in reversed(originals):
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, m)
+
+# %% ../nbs/04_train.ipynb #d88134df
+def step_seed(seed: int, step: int) -> int:
+    "The seed of update `step`'s random draws: a function of the run's seed and the step only (every rank)."
+    return int(np.random.SeedSequence([seed, step, 0x57e9]).generate_state(1, np.uint64)[0])
+
+# %% ../nbs/04_train.ipynb #79106afe
+@dataclass
+class StepRandom:
+    """The draws of micro-batch `micro` of `micro_steps` in update `step`, on rank `rank` of `world`: one
+    generator per device, seeded by `step_seed` (so every micro-batch and every rank replays the same
+    stream)."""
+    seed: int
+    step: int
+    micro: int = 0
+    micro_steps: int = 1
+    rank: int = 0
+    world: int = 1
+    generators: dict = dataclasses.field(default_factory=dict)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        "The generator of this step on `device`."
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(step_seed(self.seed, self.step))
+        return self.generators[device]
+
+# %% ../nbs/04_train.ipynb #e152202f
+_STEP_RANDOM: contextvars.ContextVar = contextvars.ContextVar("step_random", default=None)
+
+def _group() -> tuple[int, int]:
+    "(rank, world size) of the default process group, (0, 1) without one."
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+# %% ../nbs/04_train.ipynb #4afa32eb
+@contextlib.contextmanager
+def step_random(seed: int, step: int, micro: int = 0, micro_steps: int = 1, rank: int | None = None,
+                world: int | None = None):
+    """Within the block, `rows_rand` & co. draw this rank's rows of update `step`'s global batch (rank and
+    world size default to the process group's)."""
+    r, w = _group()
+    s = StepRandom(seed, step, micro, micro_steps, r if rank is None else rank, w if world is None else world)
+    if not (0 <= s.micro < s.micro_steps and 0 <= s.rank < s.world):
+        raise ValueError(f"step_random: need 0 <= micro < micro_steps and 0 <= rank < world, got {s}")
+    token = _STEP_RANDOM.set(s)
+    try:
+        yield s
+    finally:
+        _STEP_RANDOM.reset(token)
+
+# %% ../nbs/04_train.ipynb #2ed38a05
+def _device(device) -> torch.device:
+    "`device` as a `torch.device` with its index (CPU by default)."
+    d = torch.device(device if device is not None else "cpu")
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+# %% ../nbs/04_train.ipynb #ed42e378
+def _rows(make, n: int, shape: tuple, device, generator: torch.Generator | None) -> torch.Tensor:
+    """Random rows [n, *shape] from `make(size, generator, device)`: from `generator` if given; else, inside
+    `step_random`, rank `r`'s rows of one draw [k N n, *shape] for the update (positions j N n + N i + r);
+    else from torch's global generator."""
+    dev = _device(device)
+    if generator is not None:
+        return make((n, *shape), generator, generator.device).to(dev)
+    s = _STEP_RANDOM.get()
+    if s is None:
+        return make((n, *shape), None, dev)
+    full = make((s.micro_steps * s.world * n, *shape), s.generator(dev), dev)
+    rows = full.view(s.micro_steps, n, s.world, *shape)[s.micro, :, s.rank]
+    return rows if full.shape[0] == n else rows.contiguous()
+
+# %% ../nbs/04_train.ipynb #de8d000a
+def rows_rand(n: int, *shape: int, device=None, dtype=None, generator=None) -> torch.Tensor:
+    "Uniform [0, 1) rows [n, *shape] of the global batch (see `_rows`)."
+    make = lambda size, g, d: torch.rand(size, generator=g, device=d, dtype=dtype)
+    return _rows(make, n, shape, device, generator)
+
+# %% ../nbs/04_train.ipynb #9a439290
+def rows_randn(n: int, *shape: int, device=None, dtype=None, generator=None) -> torch.Tensor:
+    "Standard normal rows [n, *shape] of the global batch (see `_rows`)."
+    make = lambda size, g, d: torch.randn(size, generator=g, device=d, dtype=dtype)
+    return _rows(make, n, shape, device, generator)
+
+# %% ../nbs/04_train.ipynb #04d21b16
+def rows_randint(low: int, high: int, n: int, *shape: int, device=None, generator=None) -> torch.Tensor:
+    "Integer rows [n, *shape] uniform on [low, high) of the global batch (see `_rows`)."
+    make = lambda size, g, d: torch.randint(low, high, size, generator=g, device=d)
+    return _rows(make, n, shape, device, generator)
+
+# %% ../nbs/04_train.ipynb #b76f00a4
+def batch_positions(n: int, device=None) -> torch.Tensor:
+    """Where this rank's `n` rows sit in the micro-batch's global batch of `world * n` rows: `world * i +
+    rank` (the strided shares of `tensor_batches`); `arange(n)` in one process."""
+    s = _STEP_RANDOM.get()
+    rank, world = (s.rank, s.world) if s is not None else _group()
+    return torch.arange(n, device=_device(device)) * world + rank
+
+# %% ../nbs/04_train.ipynb #681b660e
+class GlobalDropout(nn.Dropout):
+    """`nn.Dropout` whose mask is this rank's rows of the global batch's (`rows_rand`): N ranks at batch B
+    drop what one process at batch N B drops."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = rows_rand(x.shape[0], *x.shape[1:], device=x.device) >= self.p
+        scale = keep.to(x.dtype) * (1.0 / (1.0 - self.p)) if self.p < 1 else keep.to(x.dtype)
+        return x.mul_(scale) if self.inplace else x * scale
+
+# %% ../nbs/04_train.ipynb #9af02ef6
+def global_dropout(module: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+    """Replace, in place, every `nn.Dropout` of `module` outside the submodules `skip` by a `GlobalDropout`
+    of the same rate and mode. Returns the originals as (name, module) for `restore_batchnorm`."""
+    skip, originals = list(skip), []
+    for name, m in list(module.named_modules()):
+        if name == "" or name in skip or _in_frozen(name, skip) or type(m) is not nn.Dropout:
+            continue
+        new = GlobalDropout(m.p, m.inplace).train(m.training)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, new)
+        originals.append((name, m))
+    return originals
 
 # %% ../nbs/04_train.ipynb #93186ed2
 OPTIMIZERS = {"adamw": torch.optim.AdamW,   # decoupled weight decay (Loshchilov & Hutter): the default
@@ -601,7 +731,7 @@ class Trainer:
         missing = [h for h in hooks if not callable(getattr(mechanism, h, None))]
         if self.o.accum_mode == "cached" and missing:
             raise TypeError(f"train: accum_mode='cached' needs {type(mechanism).__name__}.{missing[0]}")
-        self.bn_originals = []
+        self.bn_originals, self.dropout_originals = [], []
         self._setup_dist()
         seed_everything(cfg.seed)
         if self.ddp:
@@ -649,6 +779,7 @@ def _setup_optimiser(self: Trainer):
     self.opt = OPTIMIZERS[o.optimizer](groups, lr=o.lr, betas=o.betas, eps=o.eps)
     self.scaler = torch.amp.GradScaler(self.device.type) if o.amp == "fp16" else None
     self.frozen = frozen_modules(mech)
+    self.dropout_originals = global_dropout(mech, self.frozen)
     self.loss_fn, self.model = mech.loss, _LossForward(mech)
     if self.ddp:
         self._wrap_ddp()
@@ -866,16 +997,22 @@ def _autocast(self: Trainer):
     dtype = torch.bfloat16 if self.o.amp == "bf16" else torch.float16
     return torch.autocast(self.device.type, dtype=dtype, enabled=self.o.amp is not None)
 
+# %% ../nbs/04_train.ipynb #1bf0b2aa
+@patch
+def _random(self: Trainer, j: int):
+    "The draws of micro-batch `j` of the current update: `step_random` of the run's seed and the step."
+    return step_random(self.cfg.seed, self.step, j, self.o.accum_steps, self.rank, self.world)
+
 # %% ../nbs/04_train.ipynb #bc82419f
 @patch
 def _micro_batch(self: Trainer, batch, j: int, cache: list | None = None) -> dict[str, float]:
     """Forward, finiteness check and backward of micro-batch `j`; its logged scalars.
     Plain: `loss / accum_steps`; cached: the loss on all micro-batches' features, undivided.
-    DDP all-reduces the gradients with the last micro-batch only."""
+    DDP all-reduces the gradients with the last micro-batch only; random draws come from `_random(j)`."""
     k = self.o.accum_steps
     sync = contextlib.nullcontext() if j == k - 1 or not self.ddp else self.model.no_sync()
     with sync:
-        with self._autocast():
+        with self._autocast(), self._random(j):
             out = self.loss_fn(batch) if cache is None else self.model(batch, cache=cache, j=j)
         logged = self._logged(out)
         if not math.isfinite(logged["loss"]):
@@ -889,11 +1026,16 @@ def _micro_batch(self: Trainer, batch, j: int, cache: list | None = None) -> dic
 # %% ../nbs/04_train.ipynb #87a9dfec
 @patch
 def _cached_pass(self: Trainer, batches: list) -> list:
-    "Every micro-batch's `accum_features`, without gradients (open_clip's first `accum_freq` pass)."
+    """Every micro-batch's `accum_features`, without gradients (open_clip's first `accum_freq` pass), with
+    the random draws the live pass of that micro-batch makes again."""
     if len(batches) == 1:
         return []
+    out = []
     with torch.no_grad(), self._autocast():
-        return [self.mech.accum_features(b) for b in batches]
+        for j, b in enumerate(batches):
+            with self._random(j):
+                out.append(self.mech.accum_features(b))
+    return out
 
 # %% ../nbs/04_train.ipynb #b7ff1481
 @patch
@@ -1083,9 +1225,9 @@ def interrupted(self: Trainer):
 # %% ../nbs/04_train.ipynb #a13cf323
 @patch
 def close(self: Trainer):
-    "Put back BatchNorms made synchronous, drop the DDP wrapper, eval mode; the group stays."
-    restore_batchnorm(self.mech, self.bn_originals)
-    self.bn_originals = []
+    "Put back BatchNorms made synchronous and the original dropouts, drop the DDP wrapper, eval mode."
+    restore_batchnorm(self.mech, self.bn_originals + self.dropout_originals)
+    self.bn_originals, self.dropout_originals = [], []
     self.model = self.loss_fn = None
     self.mech.eval()
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import get_device
 from .decoder import load_decoder
 from .features import extract_features
+from .losses import diffusion_target
 from .models import freeze, load_vision
-from .t2i import (T2IDecoder, diffusion_mse, encode_embeds, input_embedding, prompt_embeds,
+from .train import rows_rand, rows_randint, rows_randn
+from .t2i import (T2IDecoder, encode_embeds, input_embedding, prompt_embeds,
                          sample_images, special_token_ids, tiny_random_sd, weighted_noise, word_ids)
 
 # %% auto #0
@@ -65,14 +68,15 @@ def forward(self: AttentionPooling, patches: torch.Tensor,
 # %% ../nbs/40_vilex.ipynb #d6948b88
 def tail_drop_keep(batch_size: int, n_tokens: int, p: float = 0.5, generator: torch.Generator | None = None,
                    device=None) -> torch.Tensor:
-    "Tokens kept per sample: with probability `p`, k ~ U{1..n_tokens}, else k = n_tokens. Long [batch_size]."
+    """Tokens kept per sample: with probability `p`, k ~ U{1..n_tokens}, else k = n_tokens. Long [batch_size].
+    Drawn from `generator`, else as rows of the global batch (`vla_lit.train.rows_rand`)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"tail_drop_keep: p must be in [0, 1], got {p}")
     if n_tokens < 1:
         raise ValueError(f"tail_drop_keep: n_tokens must be >= 1, got {n_tokens}")
-    k = torch.randint(1, n_tokens + 1, (batch_size,), generator=generator)
-    drop = torch.rand(batch_size, generator=generator) < p
-    return torch.where(drop, k, torch.full_like(k, n_tokens)).to(device)
+    k = rows_randint(1, n_tokens + 1, batch_size, device=device, generator=generator)
+    drop = rows_rand(batch_size, device=device, generator=generator) < p
+    return torch.where(drop, k, torch.full_like(k, n_tokens))
 
 # %% ../nbs/40_vilex.ipynb #e95534ad
 def tail_drop_mask(n_keep: torch.Tensor | int, n_tokens: int, batch_size: int | None = None) -> torch.Tensor:
@@ -163,9 +167,20 @@ def _caption_words(self: ViLex, batch: dict, B: int) -> list[list[int]] | None:
     tokens."""
     if not (self.p_caption > 0 and self.training and batch.get("captions") is not None):
         return None
-    use = (torch.rand(B) < self.p_caption).tolist()
+    use = (rows_rand(B) < self.p_caption).tolist()
     ids = word_ids(self.decoder.tokenizer, batch["captions"])
     return [w if u else [] for w, u in zip(ids, use)]
+
+# %% ../nbs/40_vilex.ipynb #07922793
+@patch
+def denoising_mse(self: ViLex, x0: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`vla_lit.t2i.diffusion_mse` with the noise and timesteps drawn as rows of the global batch
+    (`rows_randn`, `rows_randint`)."""
+    d, sch = self.decoder, self.decoder.scheduler
+    noise = rows_randn(x0.shape[0], *x0.shape[1:], device=x0.device, dtype=x0.dtype)
+    t = rows_randint(0, sch.config.num_train_timesteps, x0.shape[0], device=x0.device)
+    pred = d.predict(sch.add_noise(x0, noise, t), t, ctx, mask).float()
+    return F.mse_loss(pred, diffusion_target(sch, x0, noise, t))
 
 # %% ../nbs/40_vilex.ipynb #29880902
 @patch
@@ -187,7 +202,7 @@ def loss(self: ViLex, batch: dict) -> dict[str, torch.Tensor]:
     n_keep = tail_drop_keep(B, self.n_tokens, self.p_taildrop if self.training else 0.0, device=dev)
     keep = tail_drop_mask(n_keep, self.n_tokens)
     ctx, mask = self.context(vilex, keep, self._caption_words(batch, B))
-    mse = diffusion_mse(d, x0, ctx, mask)
+    mse = self.denoising_mse(x0, ctx, mask)
     return {"loss": mse, "mse": mse.detach(), "kept": n_keep.float().mean()}
 
 # %% ../nbs/40_vilex.ipynb #85f8e03a

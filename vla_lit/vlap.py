@@ -13,7 +13,8 @@ from torch import nn, Tensor
 from fastcore.basics import patch
 from .core import get_device
 from .sinkhorn import sinkhorn
-from .losses import clip_loss
+from .losses import clip_loss, global_mean
+from .train import batch_positions
 from transformers import AutoModelForSeq2SeqLM
 from .models import freeze, load_vision, load_lm, _hub_context, _load_kw, _load_quietly, _offline_error
 from .features import extract_features, extract_text_features, pool_patch_grid
@@ -94,8 +95,9 @@ def tokenize_captions(lm, captions: Sequence[str], max_tokens: int = 32) -> dict
 
 # %% ../nbs/21_vlap.ipynb #4701c6b5
 def prefix_caption_loss(lm, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                        prompt_ids: Tensor | None = None) -> Tensor:
-    "Next-token CE of the caption tokens given [prefix embeddings; prompt; caption] through the frozen `lm`."
+                        prompt_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Next-token CE of the caption tokens given [prefix embeddings; prompt; caption] through the frozen `lm`
+    (mean over the caption tokens, or `reduction="sum"`)."""
     B, N, D = prefix.shape
     emb = lm.model.get_input_embeddings()
     parts, masks = [prefix], [torch.ones(B, N, dtype=attention_mask.dtype, device=prefix.device)]
@@ -111,12 +113,13 @@ def prefix_caption_loss(lm, prefix: Tensor, input_ids: Tensor, attention_mask: T
     labels[:, -input_ids.shape[1]:] = input_ids.masked_fill(attention_mask == 0, -100)
     logits = lm.model(inputs_embeds=x, attention_mask=m).logits
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
 
 # %% ../nbs/21_vlap.ipynb #3abeb1f4
 def seq2seq_caption_loss(model, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                         prompt_ids: Tensor | None = None) -> Tensor:
-    "Cross-entropy of the caption as decoder labels, a frozen encoder-decoder reading [prefix; prompt]."
+                         prompt_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of the caption as decoder labels, a frozen encoder-decoder reading [prefix; prompt]
+    (mean over the caption tokens, or `reduction="sum"`)."""
     B, N, _ = prefix.shape
     emb = model.get_input_embeddings()
     parts, masks = [prefix], [torch.ones(B, N, dtype=attention_mask.dtype, device=prefix.device)]
@@ -128,7 +131,7 @@ def seq2seq_caption_loss(model, prefix: Tensor, input_ids: Tensor, attention_mas
     labels = input_ids.to(prefix.device).masked_fill(attention_mask.to(prefix.device) == 0, -100)
     logits = model(inputs_embeds=x, attention_mask=m, labels=labels).logits
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction=reduction)
 
 # %% ../nbs/21_vlap.ipynb #853f973e
 def load_captioner(lm) -> nn.Module:
@@ -254,7 +257,22 @@ def assign_loss(self: VLAP, zv: Tensor, zt: Tensor) -> dict[str, Tensor]:
         out["agree"] = (sv.argmax(-1) == st.argmax(-1)).float().mean()
     return out
 
-# %% ../nbs/21_vlap.ipynb #c6adc9c8
+# %% ../nbs/21_vlap.ipynb #62dd3cbb
+@patch
+def caption_term(self: VLAP, tokens: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """The captioning loss of the batch's first `caption_batch` pairs (all without it), counted in the
+    global batch under DDP (`batch_positions`), as a mean over all their caption tokens (`global_mean`)."""
+    n = len(tokens) if self.caption_batch is None else self.caption_batch
+    keep = (batch_positions(len(tokens), tokens.device) < n).nonzero().flatten()
+    if not len(keep):                                   # a rank holding none of the captioned pairs
+        return global_mean(tokens.sum() * 0.0, 0)
+    tokens, ids, mask = tokens[keep], ids.to(tokens.device)[keep], mask.to(tokens.device)[keep]
+    cm = self.caption_model()
+    ce = seq2seq_caption_loss if getattr(cm.config, "is_encoder_decoder", False) else prefix_caption_loss
+    total = ce(cm if ce is seq2seq_caption_loss else self.lm, tokens, ids, mask, self.prompt_ids, "sum")
+    return global_mean(total, mask.sum())
+
+# %% ../nbs/21_vlap.ipynb #6f22fa17
 @patch
 def loss(self: VLAP, batch: dict) -> dict[str, Tensor]:
     "assign_weight x the assignment term (whole batch) + caption_weight x the captioning loss (first pairs)."
@@ -263,14 +281,7 @@ def loss(self: VLAP, batch: dict) -> dict[str, Tensor]:
     out = self.assign_loss(zv, zt)
     loss = self.assign_weight * out["assign"]
     if self.caption_weight and "input_ids" in batch:
-        # the first n pairs go through the LLM
-        n = len(tokens) if self.caption_batch is None else min(self.caption_batch, len(tokens))
-        ids, mask = batch["input_ids"][:n], batch["attention_mask"][:n]
-        cm = self.caption_model()
-        if getattr(cm.config, "is_encoder_decoder", False):
-            out["caption"] = seq2seq_caption_loss(cm, tokens[:n], ids, mask, self.prompt_ids)
-        else:
-            out["caption"] = prefix_caption_loss(self.lm, tokens[:n], ids, mask, self.prompt_ids)
+        out["caption"] = self.caption_term(tokens, batch["input_ids"], batch["attention_mask"])
         loss = loss + self.caption_weight * out["caption"]
     out["loss"] = loss
     return out
