@@ -6,8 +6,9 @@ data) run in the test process itself. What must agree is every random draw of a 
 masks (`GlobalDropout`, swapped in by `train`), ViLex's diffusion noise, timesteps and TailDrop counts,
 VLAP's captioned subset and its token mean; LexVLA's penalties on batch statistics (not random, but
 per-rank statistics would be another objective); and the accumulated variants (plain and cached), where each
-micro-batch draws its rows of the update's one draw. Last, the shipped ShareLock sweep at smoke size run by
-`run_sweep` on 1 process and under `torchrun` x 2 gives the same metrics.
+micro-batch draws its rows of the update's one draw. Last, each shipped embedded sweep that trains
+(ShareLock, VLAP, LexVLA, ViLex) at smoke size, run by `run_sweep` on 1 process and under `torchrun` x 2, gives
+the same metrics.
 
 Tolerances, on |a - b| / (1 + |b|): ShareLock and the accumulation cases run in float64, weights within 1e-8
 (measured about 1e-10: AdamW's first steps divide gradients by their own size, which magnifies the
@@ -234,24 +235,33 @@ def test_lexvla_batch_penalty(runs):
         assert all(h["penalty"] > 0 for h in runs[1][case]["history"])
 
 
-def test_sharelock_smoke_sweep_torchrun_equals_one_process(tmp_path):
-    """The shipped ShareLock sweep at its smoke size (tiny random models, feature extraction, early stopping,
-    the random-LM floor, every evaluation set), run by `run_sweep` twice: one process at batch 16, and
-    `torchrun` x 2 at batch 8. Every metric but time and memory is the same (about 50 s on 2 CPU cores)."""
+def _timing(k: str) -> bool:
+    "Metrics that measure time or memory (they differ between any two runs)."
+    return k in ("wall_s", "peak_host_mb", "peak_device_mb") or "second" in k or k.endswith("s_per_step")
+
+
+@pytest.mark.parametrize("study", ["sharelock", "vlap", "lexvla", "vilex"])
+def test_smoke_sweep_torchrun_equals_one_process(tmp_path, study):
+    """Each shipped embedded sweep at its smoke size (tiny random models, feature extraction, floors, baselines,
+    every evaluation set), run by `run_sweep` twice: one process at batch 2b, and `torchrun` x 2 at batch b (b:
+    half the smoke batch). Every metric but time and memory is the same (30-60 s each on 2 CPU cores)."""
     import yaml
     from vla_lit.sweep import run_sweep
     root = Path(__file__).resolve().parents[1]
-    sw = yaml.safe_load((root / "sweeps/sharelock_embedded.yaml").read_text())
-    spec = {"name": "sharelock_ddp_equal", "notebook": str(root / sw["notebook"]),
-            "base": {**sw["base"], **sw["smoke"], "batch_size": 2 * B},
-            "runs": [{"_id": "one", "batch_size": 2 * B},
-                     {"_id": "two", "batch_size": B, "launcher": {"torchrun": WORLD}}]}
+    sw = yaml.safe_load((root / f"sweeps/{study}_embedded.yaml").read_text())
+    base = {**sw["base"], **sw["smoke"]}
+    base |= {k: v[0] for k, v in (sw.get("grid") or {}).items() if k not in base}
+    b = max(1, int(base.get("batch_size", 2 * B)) // 2)
+    spec = {"name": f"{study}_ddp_equal", "notebook": str(root / sw["notebook"]),
+            "base": {**base, "batch_size": 2 * b},
+            "runs": [{"_id": "one", "batch_size": 2 * b},
+                     {"_id": "two", "batch_size": b, "launcher": {"torchrun": WORLD}}]}
     (tmp_path / "eq.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     res = run_sweep(tmp_path / "eq.yaml", out_root=tmp_path / "runs", device="cpu", progress=False)
-    assert res.status.tolist() == ["ok", "ok"], res
+    assert res.status.tolist() == ["ok", "ok"], res.to_string()
     one, two = (json.loads(p.read_text()) for p in
-                (next((tmp_path / "runs/sharelock_ddp_equal").glob(f"{i}__*/metrics.json")) for i in ("one", "two")))
-    assert one.keys() == two.keys() and len(one) > 50
-    differ = {k: (one[k], two[k]) for k in one if k not in ("wall_s", "peak_host_mb")
+                (next((tmp_path / f"runs/{study}_ddp_equal").glob(f"{i}__*/metrics.json")) for i in ("one", "two")))
+    assert one.keys() == two.keys() and len(one) > 30
+    differ = {k: (one[k], two[k]) for k in one if not _timing(k)
               and not math.isclose(one[k], two[k], rel_tol=1e-5, abs_tol=1e-6)}
     assert not differ, differ
