@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from .core import RunConfig, cache_dir, get_device, seed_everything, write_json
 from .data import BadInputError, load_image
+from .features import sha256_file
 from .losses import diffusion_target
 from .models import LanguageModel, freeze, load_lm
 from .t2i import (T2IDecoder, diffusion_mse, encode_embeds, input_embedding, prompt_embeds,
@@ -382,15 +383,6 @@ def _shipped_files(name: str, where: str | Path | None) -> tuple[dict, Path]:
         raise FileNotFoundError(f"shipped decoder {name!r}: {wpath} missing (named by {meta})")
     return fp, wpath
 
-# %% ../nbs/41_decoder.ipynb #b05cb956
-def _file_sha256(path: Path) -> str:
-    "sha256 (hex) of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 # %% ../nbs/41_decoder.ipynb #1b84193c
 def load_shipped_decoder(name: str = DEFAULT_DECODER, lm=None, device=None,
                          where: str | Path | None = None) -> T2IDecoder:
@@ -398,7 +390,7 @@ def load_shipped_decoder(name: str = DEFAULT_DECODER, lm=None, device=None,
     from diffusers import UNet2DConditionModel, DDPMScheduler                     # slow import: only here
     from safetensors.torch import load_file
     fp, wpath = _shipped_files(name, where)
-    got = _file_sha256(wpath)
+    got = sha256_file(wpath)
     if got != fp["sha256"]:
         raise ValueError(f"shipped decoder weights {wpath} have sha256 {got}, but {name}.json records "
                          f"{fp['sha256']}: not the fingerprinted file (damaged, replaced, or a git-lfs pointer); "
@@ -433,7 +425,7 @@ def ship_decoder(src: str | Path, dst: str | Path, name: str, dtype: str = "floa
     cast = lambda v: v.detach().to("cpu", getattr(torch, dtype)).contiguous()
     save_file({k: cast(v) for k, v in d.unet.state_dict().items()}, wpath)
     wpath.chmod(0o644)                                            # readable by every user of an installed package
-    fp = {"name": name, "file": wpath.name, "sha256": _file_sha256(wpath), "bytes": wpath.stat().st_size,
+    fp = {"name": name, "file": wpath.name, "sha256": sha256_file(wpath), "bytes": wpath.stat().st_size,
           "dtype": dtype, "regenerate": command, **(extra or {}),
           "unet_config": _portable(d.unet.config), "scheduler_config": _portable(d.scheduler.config),
           "decoder": {k: v for k, v in d.info.items() if k != "losses"}}
